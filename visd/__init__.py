@@ -7,11 +7,14 @@ The one obvious way in::
     result = model.zero_shot_classify(image, organ_mask)
 
 Everything else lives in subpackages (:mod:`visd.data`, :mod:`visd.zero_shot`, :mod:`visd.training`,
-:mod:`visd.evaluation`, :mod:`visd.kernels`) and is optional to learn.
+:mod:`visd.evaluation`, :mod:`visd.kernels`) and is optional to learn. Importing :mod:`visd` is
+cheap: torch and the model load on first use of a model name.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from visd._version import __version__
-from visd.config import ViSDConfig
+from visd.config import FindingSpec, ViSDConfig
 from visd.errors import (
     CheckpointMismatchError,
     ConfigError,
@@ -21,13 +24,31 @@ from visd.errors import (
     WeightsNotFoundError,
 )
 
+if TYPE_CHECKING:
+    from visd.models import OrganEmbeddings, ViSDModel, ViSDOutput, ZeroShotResult
+
 __all__ = [
     "CheckpointMismatchError",
     "ConfigError",
+    "FindingSpec",
     "InputError",
     "MissingDependencyError",
+    "OrganEmbeddings",
     "ViSDConfig",
+    "ViSDModel",
+    "ViSDOutput",
     "VisdError",
     "WeightsNotFoundError",
+    "ZeroShotResult",
     "__version__",
 ]
+
+_LAZY = {"ViSDModel", "OrganEmbeddings", "ViSDOutput", "ZeroShotResult"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import visd.models
+
+        return getattr(visd.models, name)
+    raise AttributeError(f"module 'visd' has no attribute {name!r}")

@@ -1,0 +1,123 @@
+"""The anatomy-aware 3D image encoder: a MedicalNet-style ResNet and four levels of organ tokens.
+
+Input volumes are ``(B, C, D, H, W)`` float32 with D the slice axis (see ``docs/ct_conventions.md``).
+Level k has stride :data:`LEVEL_STRIDES` ``[k]``; a token belongs to an organ when any voxel of the
+organ falls in its cell (``max_pool3d(mask, stride) > 0``). Tokens are flattened row-major over
+``(d, h, w)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from visd.config import VisionConfig
+
+__all__ = ["LEVEL_STRIDES", "TOKEN_MULTIPLE", "ResNet3d", "VisionEncoder", "organ_token_flags"]
+
+LEVEL_STRIDES: tuple[tuple[int, int, int], ...] = ((2, 4, 4), (4, 8, 8), (8, 16, 16), (16, 32, 32))
+TOKEN_MULTIPLE: tuple[int, int, int] = LEVEL_STRIDES[-1]
+
+
+class _ShortcutA(nn.Module):
+    """Parameter-free shortcut: strided subsampling, then zero channels appended."""
+
+    def __init__(self, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.out_channels = out_channels
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.stride
+        x = x[:, :, ::s, ::s, ::s]
+        pad = self.out_channels - x.shape[1]
+        return F.pad(x, (0, 0, 0, 0, 0, 0, 0, pad))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, stride: int, dilation: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv3d(in_ch, out_ch, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
+        self.bn1 = nn.BatchNorm3d(out_ch)
+        self.conv2 = nn.Conv3d(out_ch, out_ch, 3, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = nn.BatchNorm3d(out_ch)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = _ShortcutA(out_ch, stride) if (stride != 1 or in_ch != out_ch) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = x if self.shortcut is None else self.shortcut(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + residual)
+
+
+class ResNet3d(nn.Module):
+    """3D ResNet with BasicBlocks, shortcut type A; returns the four stage outputs."""
+
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        w = config.widths
+        self.conv1 = nn.Conv3d(config.in_channels, w[0], 7, stride=(1, 2, 2), padding=3, bias=False)
+        self.bn1 = nn.BatchNorm3d(w[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool3d(3, stride=2, padding=1)
+        in_ch = w[0]
+        for i, (blocks, width, dilation) in enumerate(zip(config.layers, w, config.dilations)):
+            stride = 1 if i == 0 else 2
+            layer = []
+            for b in range(blocks):
+                layer.append(_BasicBlock(in_ch, width, stride if b == 0 else 1, dilation))
+                in_ch = width
+            self.add_module(f"layer{i + 1}", nn.Sequential(*layer))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        feats = []
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            x = getattr(self, name)(x)
+            feats.append(x)
+        return feats
+
+
+class VisionEncoder(nn.Module):
+    """Backbone plus one 1x1x1 projection per level to ``token_dim``."""
+
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.backbone = ResNet3d(config)
+        for k, width in enumerate(config.widths, start=1):
+            self.add_module(f"proj{k}", nn.Conv3d(width, config.token_dim, 1))
+
+    def projections(self) -> list[nn.Conv3d]:
+        return [self.proj1, self.proj2, self.proj3, self.proj4]
+
+    def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """Tokens of the four levels, each ``(B, L_k, token_dim)``.
+
+        Args:
+            image: ``(B, C, D, H, W)`` float, with D % 16 == H % 32 == W % 32 == 0.
+        """
+        feats = self.backbone(image)
+        return [proj(f).flatten(2).transpose(1, 2) for proj, f in zip(self.projections(), feats)]
+
+    def feature_maps(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """Backbone outputs of the four levels, ``(B, C_k, d_k, h_k, w_k)``, before projection."""
+        return self.backbone(image)
+
+
+def organ_token_flags(organ_mask: torch.Tensor, num_organs: int) -> list[torch.Tensor]:
+    """Which tokens of each level belong to each organ.
+
+    Args:
+        organ_mask: ``(B, 1, D, H, W)`` or ``(B, D, H, W)`` label map, organ ``o`` has value ``o + 1``.
+        num_organs: number of organs O.
+
+    Returns:
+        One bool tensor ``(B, O, L_k)`` per level.
+    """
+    if organ_mask.dim() == 5:
+        organ_mask = organ_mask[:, 0]
+    values = torch.arange(1, num_organs + 1, device=organ_mask.device, dtype=organ_mask.dtype)
+    onehot = (organ_mask[:, None] == values[None, :, None, None, None]).to(torch.float32)
+    return [F.max_pool3d(onehot, s, s).flatten(2) > 0 for s in LEVEL_STRIDES]
