@@ -118,6 +118,9 @@ def save_pretrained(model: "ViSDModel", folder: str | Path) -> Path:
     if model.tokenizer is not None:
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
             model.tokenizer.save_pretrained(tmp)
+            vocab = sorted(model.tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+            if not (Path(tmp) / "vocab.txt").exists():  # transformers 5 writes only tokenizer.json
+                (Path(tmp) / "vocab.txt").write_text("".join(tok + "\n" for tok, _ in vocab))
             for f in Path(tmp).iterdir():
                 os.replace(f, folder / f.name)
     _atomic_write(folder / CARD_NAME, lambda p: Path(p).write_text(_model_card(model)))

@@ -1,0 +1,92 @@
+"""The normality VQ-VAE: quantiser known answers, the EMA update, straight-through gradients."""
+
+from __future__ import annotations
+
+import torch
+
+from visd.config import NormalityConfig
+from visd.models.normality import EMAQuantizer, NormalityModel, minmax_scale
+
+
+def _quantizer(k=4, dim=3, decay=0.5, eps=1e-5, commitment=0.25):
+    cfg = NormalityConfig(dim=dim, codebook_size=k, decay=decay, eps=eps, commitment_cost=commitment)
+    return EMAQuantizer(cfg)
+
+
+def test_exact_codebook_vectors_give_their_indices_and_zero_loss(generator):
+    q = _quantizer(k=6, dim=5)
+    q.embeddings.copy_(torch.randn(6, 5, generator=generator))
+    idx = torch.tensor([3, 0, 5, 1, 2, 4])
+    z = q.embeddings[idx].clone()
+    q.eval()
+    out = q(z)
+    assert out.codes.tolist() == idx.tolist()
+    assert torch.equal(out.quantized, z)
+    q.train()
+    out = q(z)  # every code used once: the EMA update keeps each row where it is
+    assert out.codes.tolist() == idx.tolist()
+    torch.testing.assert_close(q.embeddings[idx], z, rtol=0, atol=1e-6)
+    assert float(out.commitment_loss) < 1e-10
+
+
+def test_nearest_ties_go_to_lowest_index():
+    q = _quantizer(k=3, dim=2)
+    q.embeddings.copy_(torch.tensor([[1.0, 0.0], [1.0, 0.0], [-1.0, 0.0]]))
+    assert q.nearest(torch.tensor([[0.9, 0.1]])).tolist() == [0]
+
+
+def test_ema_update_worked_example():
+    """decay 0.5: after one step each used row is the mean of its assigned vectors."""
+    q = _quantizer(k=2, dim=2, decay=0.5, eps=1e-5)
+    q.embeddings.copy_(torch.tensor([[0.0, 0.0], [10.0, 10.0]]))
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [9.0, 10.0]])
+    q.train()
+    out = q(z)
+    assert out.codes.tolist() == [0, 0, 1]
+    # hand computation: counts [2, 1] -> debiased cluster sizes [2, 1]; n = 3, K = 2
+    eps, n = 1e-5, 3.0
+    c0, c1 = (2 + eps) / (n + 2 * eps) * n, (1 + eps) / (n + 2 * eps) * n
+    expected = torch.tensor([[1.0 / c0, 1.0 / c0], [9.0 / c1, 10.0 / c1]])
+    torch.testing.assert_close(q.embeddings, expected, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(q.ema_cluster_size.hidden, torch.tensor([1.0, 0.5]))
+    assert int(q.ema_steps) == 1
+    # second step, same data: the debiased averages are unchanged
+    q(z)
+    torch.testing.assert_close(q.embeddings, expected, rtol=1e-6, atol=1e-6)
+    # commitment loss = 0.25 * mse(z, q) with the updated codebook
+    out = q(z)
+    expected_loss = 0.25 * torch.mean((z - expected[out.codes]) ** 2)
+    torch.testing.assert_close(out.commitment_loss, expected_loss)
+
+
+def test_straight_through_gradient_is_identity(generator):
+    q = _quantizer(k=4, dim=3, commitment=0.0)
+    q.train()
+    z = torch.randn(5, 3, generator=generator, requires_grad=True)
+    upstream = torch.randn(5, 3, generator=generator)
+    out = q(z)
+    (out.quantized * upstream).sum().backward()
+    torch.testing.assert_close(z.grad, upstream)
+    torch.testing.assert_close(out.quantized.detach(), q.embeddings[out.codes])
+
+
+def test_minmax_scale_known_answer():
+    x = torch.tensor([[1.0, 3.0], [5.0, 2.0]])
+    scaled, mn, mx = minmax_scale(x)
+    assert float(mn) == 1.0 and float(mx) == 4.0
+    torch.testing.assert_close(scaled, torch.tensor([[-0.5, 0.0], [0.5, -0.25]]))
+
+
+def test_reconstruction_undoes_scaling(generator):
+    cfg = NormalityConfig(hidden_dim=16, dim=24, depth=1, heads=2, head_dim=8, mlp_dim=32, codebook_size=8)
+    model = NormalityModel(8, cfg).eval()
+    tokens = torch.randn(7, 8, generator=generator) * 3 + 1
+    out = model(tokens, organ_index=2)
+    mn = tokens.min()
+    mx = (tokens - mn).max()
+    torch.testing.assert_close(out.reconstruction, (out.decoded + 0.5) * mx + mn)
+    # the decoder sees only the quantised codes: equal codes give equal decoded rows
+    same = out.codes[:, None] == out.codes[None, :]
+    dist = torch.cdist(out.decoded, out.decoded)
+    # rows with equal codes differ only through attention context, which is shared: identical rows
+    assert torch.all(dist[same] < 1e-5)

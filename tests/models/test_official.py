@@ -1,0 +1,176 @@
+"""Parity with the official release: the stored window case, VQ-VAE probe and boundary variant."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import OFFICIAL, load_gen_weights
+from visd import CheckpointMismatchError, ViSDModel, WeightsNotFoundError
+from visd.models.official import convert_official_state_dict, official_keys, read_official_checkpoints
+from visd.models.vision import organ_token_flags
+
+CASE = json.loads((OFFICIAL / "window_case.json").read_text())
+NPZ = np.load(OFFICIAL / "window_case.npz")
+ITEMS = CASE["test_items"]
+
+
+@pytest.fixture(scope="module")
+def window_inputs():
+    image = torch.from_numpy(NPZ["image"].astype(np.float32))
+    mask = torch.from_numpy(NPZ["mask"].astype(np.int64))
+    return image, mask
+
+
+@pytest.fixture(scope="module")
+def window_out(official_tiny_model, window_inputs):
+    image, mask = window_inputs
+    return official_tiny_model.encode_window(image, mask, whole_organ_sizes=CASE["inputs"]["whole_organ_sizes"])
+
+
+def _official_text(model):
+    return torch.stack([model.encode_text([neg, pos], padding="max_length") for _, _, neg, pos in ITEMS])
+
+
+def test_seed0_weights_match_reference_digest():
+    gw = load_gen_weights()
+    sd = gw.build_state_dict(OFFICIAL / "official_keys_tiny.tsv", seed=0)
+    assert gw.digest(sd) == CASE["weights"]["sha256"]
+
+
+def test_tokenizer_matches_official_ids(official_tiny_model):
+    for i, (_, _, neg, pos) in enumerate(ITEMS[:5]):
+        ids, mask = official_tiny_model.tokenize([neg, pos], padding="max_length")
+        np.testing.assert_array_equal(ids.numpy(), NPZ["input_ids"][i])
+        np.testing.assert_array_equal(mask.numpy(), NPZ["attention_mask"][i])
+
+
+def test_text_features_bit_exact_official_padding(official_tiny_model):
+    with torch.no_grad():
+        feats = _official_text(official_tiny_model)
+    torch.testing.assert_close(feats, torch.from_numpy(NPZ["text_feats"]), rtol=0, atol=1e-6)
+
+
+def test_text_features_fast_batching_within_tolerance(official_tiny_model):
+    specs = official_tiny_model.config.findings
+    with torch.no_grad():
+        feats = official_tiny_model.prompt_embeddings(specs)
+    torch.testing.assert_close(feats, torch.from_numpy(NPZ["text_feats"]), rtol=0, atol=1e-5)
+
+
+def test_level_tokens_and_organ_flags(official_tiny_model, window_inputs):
+    image, mask = window_inputs
+    with torch.no_grad():
+        levels = official_tiny_model.vision(image[None, None])
+    flags = organ_token_flags(mask[None], 4)
+    for k in range(4):
+        idx = torch.from_numpy(NPZ[f"level{k + 1}_sample_idx"].astype(np.int64))
+        torch.testing.assert_close(levels[k][0, idx], torch.from_numpy(NPZ[f"level{k + 1}_sample_tokens"]), rtol=0, atol=1e-4)
+        expected = np.unpackbits(NPZ[f"level{k + 1}_organ_flags"], axis=1)[:, : flags[k].shape[-1]].astype(bool)
+        np.testing.assert_array_equal(flags[k][0].numpy(), expected)
+    torch.testing.assert_close(levels[3][0], torch.from_numpy(NPZ["level4_tokens"]), rtol=0, atol=1e-4)
+
+
+def test_organ_embeddings_codes_and_intermediates(window_out):
+    assert window_out.status == {o: "scored" for o in ("lung", "heart", "esophagus", "aorta")}
+    torch.testing.assert_close(window_out.embeddings, torch.from_numpy(NPZ["organ_feats"]), rtol=0, atol=1e-4)
+    for organ in window_out.organs:
+        d = window_out.details[organ]
+        np.testing.assert_array_equal(d.codes.numpy(), NPZ[f"{organ}_vq_codes"].astype(np.int64))
+        assert d.codes.tolist() == CASE["per_organ"][organ]["vq_codes"]
+        torch.testing.assert_close(d.decoded, torch.from_numpy(NPZ[f"{organ}_x_recon"]), rtol=0, atol=1e-4)
+        torch.testing.assert_close(d.attention_output, torch.from_numpy(NPZ[f"{organ}_attn_out"]), rtol=0, atol=1e-4)
+        torch.testing.assert_close(d.projection, torch.from_numpy(NPZ[f"{organ}_vision_proj"]), rtol=0, atol=1e-4)
+
+
+def test_probabilities(official_tiny_model, window_out):
+    with torch.no_grad():
+        text = _official_text(official_tiny_model)
+    for i, (organ, *_rest) in enumerate(ITEMS):
+        logits = window_out[organ] @ text[i].t() / official_tiny_model.temperature
+        torch.testing.assert_close(torch.softmax(logits, -1), torch.from_numpy(NPZ["probs"][i]), rtol=0, atol=1e-5)
+
+
+def test_vqvae_probe(official_tiny_model):
+    normality = official_tiny_model.normality
+    tokens = torch.from_numpy(NPZ["vqvae_probe_tokens"])
+    with torch.no_grad():
+        z = normality.encode(tokens, organ_index=1)
+        vq = normality.quantizer(z)
+        recon = normality.decoder(vq.quantized[None])[0]
+    torch.testing.assert_close(z, torch.from_numpy(NPZ["vqvae_probe_z"]), rtol=0, atol=1e-4)
+    assert vq.codes.tolist() == CASE["vqvae_probe"]["codes"]
+    torch.testing.assert_close(recon, torch.from_numpy(NPZ["vqvae_probe_x_recon"]), rtol=0, atol=1e-4)
+
+
+def test_boundary_variant(official_tiny_model, window_inputs):
+    image, _ = window_inputs
+    variant = CASE["boundary_variant"]
+    mask = torch.from_numpy(NPZ["boundary_mask"].astype(np.int64))
+    out = official_tiny_model.encode_window(image, mask, whole_organ_sizes=variant["whole_organ_sizes"])
+    assert sorted(out.scored) == sorted(variant["organs_with_features"])
+    assert out.status["aorta"] == "touches_window_border"
+    assert out.status["heart"] == "incomplete_in_window"
+    for organ in out.scored:
+        torch.testing.assert_close(out[organ], torch.tensor(variant["organ_feats"][organ]), rtol=0, atol=1e-4)
+    with torch.no_grad():
+        text = _official_text(official_tiny_model)
+    for i, (organ, *_rest) in enumerate(ITEMS):
+        expected = variant["probs"][CASE["item_names"][i]]
+        if expected is None:
+            assert organ not in out.scored
+            continue
+        probs = torch.softmax(out[organ] @ text[i].t() / official_tiny_model.temperature, -1)
+        torch.testing.assert_close(probs, torch.tensor(expected), rtol=0, atol=1e-5)
+
+
+def test_full_key_manifest_converts_to_model_keys():
+    """Every official key (full CXR-BERT) maps onto a visd key, and every visd key is covered."""
+    from visd.config import ViSDConfig
+    from visd.models.official import text_config_from_bert
+
+    keys = official_keys(OFFICIAL / "official_keys.tsv")
+    fake = {k: torch.zeros(()) for k in keys}
+    converted = set(convert_official_state_dict(fake))
+    model_keys = set(ViSDModel(ViSDConfig(), tokenizer=None).state_dict())
+    assert converted == model_keys
+    assert text_config_from_bert(OFFICIAL / "tiny_text").hidden_size == 128
+
+
+def test_later_checkpoint_overrides_earlier(tmp_path):
+    a, b = tmp_path / "vqvae.pth", tmp_path / "main.pth"
+    torch.save({"model": {"temp": torch.tensor(0.5), "query_tokens": torch.ones(4, 2)}}, a)
+    torch.save({"model": {"module.temp": torch.tensor(0.07)}}, b)
+    merged = read_official_checkpoints([a, b])
+    assert float(merged["temp"]) == pytest.approx(0.07)
+    assert torch.equal(merged["query_tokens"], torch.ones(4, 2))
+
+
+def test_cross_attention_keys_are_refused():
+    with pytest.raises(CheckpointMismatchError, match="cross-attention"):
+        convert_official_state_dict({"text_encoder.encoder.layer.6.crossattention.self.query.weight": torch.zeros(1)})
+
+
+def test_wrong_official_checkpoint_lists_keys(official_tiny_checkpoint, tmp_path):
+    sd = torch.load(official_tiny_checkpoint, weights_only=True)["model"]
+    del sd["query_tokens"]
+    sd["extra.weight"] = torch.zeros(1)
+    bad = tmp_path / "bad.pth"
+    torch.save({"model": sd}, bad)
+    with pytest.raises(CheckpointMismatchError, match=r"1 missing: pooling\.query_tokens.*1 unexpected: extra\.weight"):
+        ViSDModel.from_official([bad], OFFICIAL / "tiny_text")
+
+
+def test_missing_checkpoint_file(tmp_path):
+    with pytest.raises(WeightsNotFoundError, match="not found"):
+        read_official_checkpoints([tmp_path / "nope.pth"])
+
+
+def test_non_state_dict_pickle_is_refused(tmp_path):
+    path = tmp_path / "x.pth"
+    torch.save({"model": {"a": 1}}, path)
+    with pytest.raises(CheckpointMismatchError, match="state dict"):
+        read_official_checkpoints([path])
