@@ -59,7 +59,8 @@ def read_organ_mask(source: MaskSource, ct: CTVolume, config: ViSDConfig, mask_f
     """
     if mask_format not in MASK_FORMATS:
         raise InputError(
-            f"unknown mask_format {mask_format!r}. Expected one of {MASK_FORMATS}.{did_you_mean(mask_format, MASK_FORMATS)}"
+            f"unknown mask_format {mask_format!r}. Expected one of {MASK_FORMATS}."
+            + did_you_mean(mask_format, MASK_FORMATS)
         )
     if isinstance(source, np.ndarray):
         labels, affine, name, table = _int_labels(source, "array"), ct.affine, "array", None
@@ -71,7 +72,7 @@ def read_organ_mask(source: MaskSource, ct: CTVolume, config: ViSDConfig, mask_f
     elif isinstance(source, nib.spatialimages.SpatialImage):
         name = source.get_filename() or "image"
         labels, affine, table = _int_labels(_image_data(source, name), name), source.affine, read_label_table(source)
-    else:
+    elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.is_dir():
             if mask_format == "visd":
@@ -84,6 +85,11 @@ def read_organ_mask(source: MaskSource, ct: CTVolume, config: ViSDConfig, mask_f
         img = load_nifti_image(path, what="organ mask")
         name = str(path)
         labels, affine, table = _int_labels(_image_data(img, name), name), img.affine, read_label_table(img)
+    else:
+        raise InputError(
+            f"cannot read an organ mask from {type(source).__name__}. Expected a NIfTI path, a TotalSegmentator "
+            "folder, a nibabel image or an (X, Y, Z) integer array on the CT grid."
+        )
 
     if mask_format == "auto":
         if table is not None or int(labels.max(initial=0)) > len(config.organs):
@@ -189,7 +195,8 @@ def _int_labels(array: np.ndarray, name: str) -> np.ndarray:
         raise InputError(f"organ mask {name} has shape {array.shape}. Expected a 3D label map (X, Y, Z).")
     if np.issubdtype(array.dtype, np.integer):
         return array
-    if not np.issubdtype(array.dtype, np.floating) or not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
+    floating = np.issubdtype(array.dtype, np.floating)
+    if not (floating and np.all(np.isfinite(array)) and np.all(array == np.round(array))):
         raise InputError(
             f"organ mask {name} holds non-integer values ({array.dtype}). Expected integer labels; "
             "pass a label map, not a probability map."
@@ -203,7 +210,8 @@ def _merge_class_folder(folder: Path, ct: CTVolume, config: ViSDConfig) -> np.nd
     found = []
     for organ_index, organ in enumerate(config.organs):
         for class_name in config.totalsegmentator_map.get(organ, ()):
-            path = next((folder / f"{class_name}{s}" for s in NIFTI_SUFFIXES if (folder / f"{class_name}{s}").is_file()), None)
+            candidates = [folder / f"{class_name}{suffix}" for suffix in NIFTI_SUFFIXES]
+            path = next((p for p in candidates if p.is_file()), None)
             if path is None:
                 logger.warning("%s: no file for class %r (part of organ %r)", folder, class_name, organ)
                 continue

@@ -14,6 +14,7 @@ from torch import nn
 
 from visd.config import FindingSpec, ViSDConfig
 from visd.errors import InputError, did_you_mean
+from visd.models.fast import backbone_features, organ_level_tokens, pool_organ
 from visd.models.normality import NormalityModel
 from visd.models.outputs import FindingScore, OrganDetail, OrganEmbeddings, ViSDOutput, ZeroShotResult
 from visd.models.pooling import OrganPooling
@@ -47,6 +48,10 @@ class ViSDModel(nn.Module):
         self.temperature = nn.Parameter(torch.tensor(config.temperature))
         self.tokenizer = tokenizer
         self._prompt_cache: dict[tuple[str, ...], torch.Tensor] = {}
+        #: Inference numerics. False (default): the fast path of :mod:`visd.models.fast`, equal to
+        #: the official computation up to float rounding (~1e-6). True: the official operation
+        #: order, bit-exact with the authors' code, slower and heavier.
+        self.official_numerics = False
 
     # -- bookkeeping ------------------------------------------------------------------------
     @property
@@ -131,18 +136,19 @@ class ViSDModel(nn.Module):
                 "visd.models.windows.pad_to_token_multiple"
             )
 
-    def _organ_embedding(
-        self, levels: list[torch.Tensor], flags: list[torch.Tensor], b: int, o: int
-    ) -> tuple[torch.Tensor, OrganDetail, Any]:
-        keys = [lv[b][fl[b, o]] for lv, fl in zip(levels, flags)]
+    def _organ_embedding(self, keys: list[torch.Tensor], o: int, *, fast: bool) -> tuple[torch.Tensor, OrganDetail, Any]:
+        """Embedding (unnormalised) of organ ``o`` from its four levels of tokens ``(n_k, E)``."""
         roi, other = keys[3], torch.cat(keys[:3], 0)
         normality = self.normality(roi, o)
-        original = torch.cat([other, roi], 0)
-        normal = torch.cat([other, normality.reconstruction], 0)
-        attn = self.pooling.attend(original, normal, o)
+        if fast:
+            attn = pool_organ(self.pooling, other, roi, normality.reconstruction, o)
+        else:
+            original = torch.cat([other, roi], 0)
+            normal = torch.cat([other, normality.reconstruction], 0)
+            attn = self.pooling.attend(original, normal, o)
         proj = self.pooling.project[o](attn)
         detail = OrganDetail(
-            level4_index=torch.nonzero(flags[3][b, o]).flatten(),
+            level4_index=torch.zeros(0, dtype=torch.int64),
             level4_grid=(0, 0, 0),
             codes=normality.codes,
             deviation=(roi - normality.reconstruction).norm(dim=-1).detach(),
@@ -182,8 +188,10 @@ class ViSDModel(nn.Module):
         indices = [self.organ_index(n) for n in names]
         target_index = self.organ_index(target) if target is not None else None
         whole = dict(whole_organ_sizes or {})
-        levels = self.vision(img[None, None].to(self.temperature.dtype))
+        fast = not self.official_numerics
+        x = img[None, None].to(self.temperature.dtype)
         flags = organ_token_flags(mask[None], len(self.organs))
+        levels = backbone_features(self.vision.backbone, x) if fast else self.vision(x)
         grid = tuple(n // s for n, s in zip(img.shape, TOKEN_MULTIPLE))
         emb = torch.full((len(names), self.config.embed_dim), float("nan"), device=self.device)
         status: dict[str, str] = {}
@@ -197,8 +205,13 @@ class ViSDModel(nn.Module):
             if reason is not None:
                 status[name] = reason
                 continue
-            proj, detail, _ = self._organ_embedding(levels, flags, 0, o)
+            if fast:
+                keys = organ_level_tokens(self.vision, levels, flags, 0, o)
+            else:
+                keys = [lv[0][fl[0, o]] for lv, fl in zip(levels, flags)]
+            proj, detail, _ = self._organ_embedding(keys, o, fast=fast)
             detail.level4_grid = grid
+            detail.level4_index = torch.nonzero(flags[3][0, o]).flatten()
             emb[row] = F.normalize(proj, dim=-1) if normalize else proj
             status[name] = Status.SCORED
             details[name] = detail
@@ -346,7 +359,8 @@ class ViSDModel(nn.Module):
                 organ = mask[b] == o + 1
                 if not bool(organ.any()) or _touches_border(organ):
                     continue
-                proj, _, normality = self._organ_embedding(levels, flags, b, o)
+                keys = [lv[b][fl[b, o]] for lv, fl in zip(levels, flags)]
+                proj, _, normality = self._organ_embedding(keys, o, fast=False)
                 embeddings[b, o] = F.normalize(proj, dim=-1)
                 valid[b, o] = True
                 commit.append(normality.commitment_loss)

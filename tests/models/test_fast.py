@@ -1,0 +1,59 @@
+"""The fast inference path equals the plain path up to float rounding."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import make_tiny_model, phantom_volume
+from visd.models.fast import _bn_, _maxpool3_s2_p1, backbone_features, pool_organ
+from visd.models.pooling import OrganPooling
+
+
+def test_separable_maxpool_is_exact(generator):
+    pool = torch.nn.MaxPool3d(3, stride=2, padding=1)
+    for shape in [(1, 2, 5, 8, 7), (2, 3, 6, 9, 10), (1, 1, 1, 2, 3)]:
+        x = torch.randn(shape, generator=generator)
+        assert torch.equal(_maxpool3_s2_p1(x), pool(x))
+        cl = x.contiguous(memory_format=torch.channels_last_3d)
+        assert torch.equal(_maxpool3_s2_p1(cl), pool(x))
+
+
+def test_inplace_batchnorm(generator):
+    bn = torch.nn.BatchNorm3d(4).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_(generator=generator)
+        bn.running_var.uniform_(0.5, 2.0, generator=generator)
+        bn.weight.normal_(generator=generator)
+        bn.bias.normal_(generator=generator)
+        x = torch.randn(2, 4, 3, 5, 6, generator=generator)
+        torch.testing.assert_close(_bn_(x.clone(), bn), bn(x), rtol=1e-6, atol=1e-6)
+
+
+def test_backbone_features_match_module_forward():
+    model = make_tiny_model()
+    x = torch.rand(1, 1, 32, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(backbone_features(model.vision.backbone, x), model.vision.backbone(x)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_pool_organ_matches_attend(generator):
+    torch.manual_seed(0)
+    pool = OrganPooling(num_organs=3, dim=16, heads=4).eval()
+    other, roi, normal = (torch.randn(n, 16, generator=generator) for n in (11, 4, 4))
+    with torch.no_grad():
+        expected = pool.attend(torch.cat([other, roi]), torch.cat([other, normal]), 2)
+        got = pool_organ(pool, other, roi, normal, 2)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_zero_shot_fast_equals_official_numerics():
+    model = make_tiny_model()
+    image, mask = phantom_volume()
+    fast = model.zero_shot_classify(image, mask)
+    model.official_numerics = True
+    plain = model.zero_shot_classify(image, mask)
+    torch.testing.assert_close(fast.embeddings.embeddings, plain.embeddings.embeddings, rtol=0, atol=1e-5, equal_nan=True)
+    for a, b in zip(fast.scores, plain.scores):
+        assert a.status == b.status
+        assert (a.probability != a.probability and b.probability != b.probability) or abs(a.probability - b.probability) < 1e-5
