@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from visd.errors import ConfigError
 
@@ -135,6 +135,11 @@ class FindingSpec(_Config):
     name: str
     negative: tuple[str, ...]
     positive: tuple[str, ...]
+
+    @field_validator("negative", "positive", mode="before")
+    @classmethod
+    def _one_prompt_is_a_tuple(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check(self) -> "FindingSpec":

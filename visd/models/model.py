@@ -267,12 +267,7 @@ class ViSDModel(nn.Module):
                 spec = FindingSpec.model_validate(dict(f))
             else:
                 organ, name, neg, pos = f
-                spec = FindingSpec(
-                    organ=organ,
-                    name=name,
-                    negative=(neg,) if isinstance(neg, str) else tuple(neg),
-                    positive=(pos,) if isinstance(pos, str) else tuple(pos),
-                )
+                spec = FindingSpec(organ=organ, name=name, negative=neg, positive=pos)
             self.organ_index(spec.organ)
             out.append(spec)
         return out
