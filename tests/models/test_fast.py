@@ -57,3 +57,32 @@ def test_zero_shot_fast_equals_official_numerics():
     for a, b in zip(fast.scores, plain.scores):
         assert a.status == b.status
         assert (a.probability != a.probability and b.probability != b.probability) or abs(a.probability - b.probability) < 1e-5
+
+
+def _probs(model, image, mask):
+    return torch.tensor([s.probability for s in model.zero_shot_classify(image, mask).scores])
+
+
+def test_window_batching_and_channels_last_do_not_change_results():
+    model = make_tiny_model()
+    image, mask = phantom_volume(shape=(32, 64, 64))  # every organ window has the ROI shape
+    base = _probs(model, image, mask)
+    model.window_batch_size = 4
+    assert model._window_batches({"a": _W(), "b": _W(), "c": _W((1, 1, 32, 64, 96))}) == [["a", "b"], ["c"]]
+    torch.testing.assert_close(_probs(model, image, mask), base, rtol=0, atol=1e-6, equal_nan=True)
+    model.channels_last = True
+    torch.testing.assert_close(_probs(model, image, mask), base, rtol=0, atol=1e-5, equal_nan=True)
+
+
+def test_bf16_autocast_stays_close():
+    model = make_tiny_model()
+    image, mask = phantom_volume()
+    base = _probs(model, image, mask)
+    model.autocast_dtype = torch.bfloat16
+    got = _probs(model, image, mask)
+    torch.testing.assert_close(got, base, rtol=0, atol=2e-2, equal_nan=True)
+
+
+class _W:
+    def __init__(self, shape=(1, 1, 32, 64, 64)):
+        self.image = torch.zeros(shape)

@@ -52,6 +52,12 @@ class ViSDModel(nn.Module):
         #: the official computation up to float rounding (~1e-6). True: the official operation
         #: order, bit-exact with the authors' code, slower and heavier.
         self.official_numerics = False
+        #: Fast-path options (see ``docs/performance.md``): autocast dtype for the backbone (e.g.
+        #: ``torch.bfloat16``), channels-last 3D memory format, and how many equal-shape windows of a
+        #: volume share one backbone batch (more uses more memory).
+        self.autocast_dtype: torch.dtype | None = None
+        self.channels_last = False
+        self.window_batch_size = 1
 
     # -- bookkeeping ------------------------------------------------------------------------
     @property
@@ -185,18 +191,41 @@ class ViSDModel(nn.Module):
             raise InputError(f"image and organ_mask differ in shape: image {tuple(img.shape)}, mask {tuple(mask.shape)}")
         self._check_window_shape(img.shape)
         names = tuple(organs) if organs is not None else self.organs
-        indices = [self.organ_index(n) for n in names]
         target_index = self.organ_index(target) if target is not None else None
-        whole = dict(whole_organ_sizes or {})
-        fast = not self.official_numerics
-        x = img[None, None].to(self.temperature.dtype)
-        flags = organ_token_flags(mask[None], len(self.organs))
-        levels = backbone_features(self.vision.backbone, x) if fast else self.vision(x)
-        grid = tuple(n // s for n, s in zip(img.shape, TOKEN_MULTIPLE))
+        levels, flags = self._window_levels(img[None, None], mask[None])
+        return self._window_organs(levels, flags, mask, 0, names, target_index, dict(whole_organ_sizes or {}), normalize)
+
+    def _window_levels(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Level features (fast path: backbone maps; plain path: projected tokens) and organ flags."""
+        x = images.to(self.temperature.dtype)
+        flags = organ_token_flags(masks, len(self.organs))
+        if self.official_numerics:
+            return self.vision(x), flags
+        if self.channels_last:
+            self.vision.backbone.to(memory_format=torch.channels_last_3d)
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        with torch.autocast(x.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None):
+            feats = backbone_features(self.vision.backbone, x)
+        return [f.to(self.temperature.dtype) for f in feats], flags
+
+    def _window_organs(
+        self,
+        levels: list[torch.Tensor],
+        flags: list[torch.Tensor],
+        mask: torch.Tensor,
+        b: int,
+        names: Sequence[str],
+        target_index: int | None,
+        whole: Mapping[str, int],
+        normalize: bool,
+    ) -> OrganEmbeddings:
+        """Embeddings of ``names`` in batch item ``b`` of a window batch, with the exclusion rules."""
+        grid = tuple(n // s for n, s in zip(mask.shape, TOKEN_MULTIPLE))
         emb = torch.full((len(names), self.config.embed_dim), float("nan"), device=self.device)
         status: dict[str, str] = {}
         details: dict[str, OrganDetail] = {}
-        for row, (name, o) in enumerate(zip(names, indices)):
+        for row, name in enumerate(names):
+            o = self.organ_index(name)
             organ = mask == o + 1
             if o == target_index:
                 reason = None if bool(organ.any()) else Status.ABSENT
@@ -205,17 +234,17 @@ class ViSDModel(nn.Module):
             if reason is not None:
                 status[name] = reason
                 continue
-            if fast:
-                keys = organ_level_tokens(self.vision, levels, flags, 0, o)
+            if self.official_numerics:
+                keys = [lv[b][fl[b, o]] for lv, fl in zip(levels, flags)]
             else:
-                keys = [lv[0][fl[0, o]] for lv, fl in zip(levels, flags)]
-            proj, detail, _ = self._organ_embedding(keys, o, fast=fast)
+                keys = organ_level_tokens(self.vision, levels, flags, b, o)
+            proj, detail, _ = self._organ_embedding(keys, o, fast=not self.official_numerics)
             detail.level4_grid = grid
-            detail.level4_index = torch.nonzero(flags[3][0, o]).flatten()
+            detail.level4_index = torch.nonzero(flags[3][b, o]).flatten()
             emb[row] = F.normalize(proj, dim=-1) if normalize else proj
             status[name] = Status.SCORED
             details[name] = detail
-        return OrganEmbeddings(names, emb.float(), status, details)
+        return OrganEmbeddings(tuple(names), emb.float(), status, details)
 
     @torch.no_grad()
     def encode_image(
@@ -240,20 +269,34 @@ class ViSDModel(nn.Module):
             )
         names = tuple(organs) if organs is not None else self.organs
         emb = torch.full((len(names), self.config.embed_dim), float("nan"), device=self.device)
-        status: dict[str, str] = {}
+        status: dict[str, str] = {name: Status.ABSENT for name in names}
         details: dict[str, OrganDetail] = {}
-        for row, name in enumerate(names):
-            o = self.organ_index(name)
-            window = organ_window(img, mask, o, self.config.preprocess.roi)
-            if window is None:
-                status[name] = Status.ABSENT
-                continue
-            out = self.encode_window(window.image[0, 0], window.mask[0, 0], organs=[name], target=name, normalize=normalize)
-            emb[row] = out.embeddings[0]
-            status[name] = out.status[name]
-            details[name] = out.details[name]
-            details[name].window_start = window.start
+        windows = {}
+        for name in names:
+            window = organ_window(img, mask, self.organ_index(name), self.config.preprocess.roi)
+            if window is not None:
+                windows[name] = window
+        for group in self._window_batches(windows):
+            levels, flags = self._window_levels(
+                torch.cat([windows[n].image for n in group]), torch.cat([windows[n].mask[:, 0] for n in group])
+            )
+            for b, name in enumerate(group):
+                w = windows[name]
+                out = self._window_organs(levels, flags, w.mask[0, 0], b, [name], w.organ_index, {}, normalize)
+                emb[names.index(name)] = out.embeddings[0]
+                status[name] = out.status[name]
+                details[name] = out.details[name]
+                details[name].window_start = w.start
+            del levels, flags
         return OrganEmbeddings(names, emb, status, details)
+
+    def _window_batches(self, windows: Mapping[str, Any]) -> list[list[str]]:
+        """Organs grouped into backbone batches of equal window shape, at most ``window_batch_size`` each."""
+        by_shape: dict[tuple[int, ...], list[str]] = {}
+        for name, w in windows.items():
+            by_shape.setdefault(tuple(w.image.shape), []).append(name)
+        step = max(1, self.window_batch_size)
+        return [names[i : i + step] for names in by_shape.values() for i in range(0, len(names), step)]
 
     # -- zero-shot ------------------------------------------------------------------------------
     def _findings(self, findings: Sequence[FindingLike] | None) -> list[FindingSpec]:
