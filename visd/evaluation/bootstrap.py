@@ -34,7 +34,7 @@ __all__ = ["bootstrap_finding", "make_rng", "percentile_interval"]
 logger = logging.getLogger(__name__)
 
 SeedLike = int | np.random.Generator | None
-_CELLS_PER_CHUNK = 4_000_000  # weights (B_chunk, n) held at once
+_CELLS_PER_CHUNK = 1_000_000  # weights (B_chunk, n) held at once
 
 
 def make_rng(seed: SeedLike) -> np.random.Generator:

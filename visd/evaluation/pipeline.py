@@ -180,7 +180,10 @@ def evaluate(
         )
         for k in MEAN_METRICS:
             row[k] = float(np.mean([point[j][k] for j in used])) if used else float("nan")
-            if joint is not None and used:
+            if joint is not None and used and len(members) == 1:  # the mean of one finding is that finding
+                f = rows[data.findings[members[0]]]
+                row[f"{k}_low"], row[f"{k}_high"] = f[f"{k}_low"], f[f"{k}_high"]
+            elif joint is not None and used:
                 samples = _mean_over([r[k] for r in joint], members, usable)
                 if k == "auc":
                     _warn_dropped(name, samples)
@@ -233,13 +236,15 @@ def compare(
             f"only in B {sorted(set(b.findings) - set(a.findings))}. Expected the same findings. "
             "Restrict both tables to the shared findings."
         )
-    scans = [s for s in a.scans if s in set(b.scans)]
+    pos_a = {s: i for i, s in enumerate(a.scans)}
+    pos_b = {s: i for i, s in enumerate(b.scans)}
+    scans = [s for s in a.scans if s in pos_b]
     if len(scans) < max(len(a.scans), len(b.scans)):
         logger.warning(
             "comparing on the %d scans both tables score (A has %d, B has %d)", len(scans), len(a.scans), len(b.scans)
         )
-    ia = [a.scans.index(s) for s in scans]
-    ib = [b.scans.index(s) for s in scans]
+    ia = [pos_a[s] for s in scans]
+    ib = [pos_b[s] for s in scans]
     jb = [b.findings.index(f) for f in a.findings]
     data = AlignedData(
         scans=tuple(scans), findings=a.findings, organs=a.organs,
@@ -286,7 +291,10 @@ def compare(
         mb = float(np.mean([point_b[j] for j in used])) if used else float("nan")
         row = dict(kind=kind, organ=name[: -len(" mean")] if kind == "organ" else "", n_scans=len(scans),
                    auc_a=ma, auc_b=mb, diff=ma - mb, reason="" if used else "no finding with both classes")
-        if joint is not None and used:
+        if joint is not None and used and len(members) == 1:  # the mean of one finding is that finding
+            f = rows[data.findings[members[0]]]
+            row.update(diff_low=f["diff_low"], diff_high=f["diff_high"], p_value=f["p_value"])
+        elif joint is not None and used:
             d = _mean_over(joint, members, usable_arr)
             _warn_dropped(name, d)
             row["diff_low"], row["diff_high"] = percentile_interval(d, confidence)

@@ -17,6 +17,7 @@ Finding names are matched exactly, then ignoring case, ``_``/``-`` and repeated 
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 from collections.abc import Mapping
@@ -119,7 +120,10 @@ def _scan_column(df: pd.DataFrame, what: str) -> str:
         if name in df.columns:
             return name
     cols = list(map(str, df.columns))
-    hint = did_you_mean("VolumeName", cols) or did_you_mean("scan", cols)
+    close = difflib.get_close_matches("VolumeName", cols, n=1, cutoff=0.6) or difflib.get_close_matches(
+        "scan", [c.lower() for c in cols], n=1, cutoff=0.6
+    )
+    hint = f" Is {close[0]!r} the scan column?" if close else ""
     raise InputError(
         f"{what} table has no scan id column: columns {cols[:8]}{'...' if len(cols) > 8 else ''}. "
         f"Expected a 'VolumeName' or 'scan' column.{hint} Rename the column holding the scan ids."

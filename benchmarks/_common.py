@@ -1,0 +1,138 @@
+"""Shared benchmark helpers: synthetic inputs of the official sizes, timing, peak memory, result rows.
+
+Each benchmark script prints its figures and appends one row per measurement to ``README.md``
+(machine, torch version, commit, mode). Run them from the repository root, one process per
+measurement so that the peak memory is that measurement's own, e.g.::
+
+    python benchmarks/bench_volume.py --mode fast
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import resource
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+README = Path(__file__).resolve().parent / "README.md"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} / {os.cpu_count()} CPU cores"
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=README.parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "visd"], capture_output=True, text=True, cwd=README.parent)
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except OSError:
+        return "unknown"
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far, in GiB (Linux: ru_maxrss is KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def peak_gpu_gb() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
+def timed(fn, repeat: int = 1):
+    """Run ``fn`` ``repeat`` times; return (last result, best seconds)."""
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return out, best
+
+
+def record(workload: str, mode: str, seconds: float, peak_gb: float, note: str = "", command: str = "") -> None:
+    """Print a result and append it as a table row to benchmarks/README.md."""
+    row = (
+        f"| {_dt.date.today()} | {workload} | {mode} | {seconds:.2f} | {peak_gb:.2f} | {machine()} | "
+        f"torch {torch.__version__} | {commit()} | {note} | `{command}` |"
+    )
+    print(row)
+    with README.open("a") as f:
+        f.write(row + "\n")
+
+
+def full_size_model(device: str = "cpu"):
+    """The released architecture (CXR-BERT-size text tower) with random weights, in eval mode."""
+    from visd import ViSDModel
+    from visd.config import ViSDConfig
+    from visd.models.text import load_tokenizer
+
+    tiny_text = Path(__file__).resolve().parents[1] / "tests" / "data" / "official" / "tiny_text"
+    torch.manual_seed(0)
+    config = ViSDConfig()
+    model = ViSDModel(config, tokenizer=load_tokenizer(tiny_text, config.text))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm3d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model.eval().to(device)
+
+
+def chest_volume(shape=(240, 480, 480), seed: int = 0):
+    """A preprocessed-looking chest volume with the 4 organs; the lung spans 176 x 448 x 384.
+
+    Returns ``image`` (D, H, W) float32 in [0, 1] and ``mask`` (D, H, W) int64 (1 lung, 2 heart,
+    3 esophagus, 4 aorta), organs as ellipsoids of plausible size and position.
+    """
+    g = torch.Generator().manual_seed(seed)
+    d, h, w = shape
+    zz, yy, xx = torch.meshgrid(torch.arange(d), torch.arange(h), torch.arange(w), indexing="ij")
+
+    def ellipsoid(center, radii):
+        return sum(((a - c) / r) ** 2 for a, c, r in zip((zz, yy, xx), center, radii)) <= 1.0
+
+    mask = torch.zeros(shape, dtype=torch.int64)
+    lung = ellipsoid((d // 2, h // 2, w // 2), (88, 224, 192))  # bbox 177 x 449 x 385 -> window 176 x 448 x 384
+    mask[lung] = 1
+    mask[ellipsoid((d // 2 + 20, h // 2 + 40, w // 2 + 30), (40, 80, 90))] = 2
+    mask[ellipsoid((d // 2, h // 2 + 90, w // 2 - 10), (70, 8, 8))] = 3
+    mask[ellipsoid((d // 2 - 10, h // 2 + 60, w // 2 - 40), (60, 14, 14))] = 4
+    image = torch.rand(shape, generator=g) * 0.2 + 0.3
+    image[mask == 1] -= 0.25
+    return image.clamp_(0, 1), mask
+
+
+def window_inputs(seed: int = 0):
+    """One 112 x 256 x 352 window from the centre of :func:`chest_volume` (the 4 organs, lung cut)."""
+    image, mask = chest_volume(seed=seed)
+    return image[64:176, 112:368, 64:416].contiguous(), mask[64:176, 112:368, 64:416].contiguous()
+
+
+def set_mode(model, mode: str) -> None:
+    """Apply a named inference mode: official | fast | fast-bf16 | fast-cl | fast-bf16-cl | fast-batch."""
+    known = {"official", "fast", "fast-bf16", "fast-cl", "fast-bf16-cl", "fast-batch"}
+    if mode not in known:
+        raise SystemExit(f"unknown mode {mode!r}; choose from {sorted(known)}")
+    model.official_numerics = mode == "official"
+    model.autocast_dtype = torch.bfloat16 if "bf16" in mode else None
+    model.channels_last = mode.endswith("-cl")
+    model.window_batch_size = 4 if mode == "fast-batch" else 1
