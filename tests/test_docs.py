@@ -49,6 +49,12 @@ def test_official_release(tmp_path, official_tiny_checkpoint):
     assert (tmp_path / "visd-ctrate-chest" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("name", ["quickstart.md", "official_release.md"])
+def test_performance_options(tmp_path):
+    make_tiny_model().save_pretrained(tmp_path / "visd-tiny")
+    ns = run_blocks("performance.md", tmp_path)
+    assert ns["model"].window_batch_size == 4 and ns["model"].channels_last
+
+
+@pytest.mark.parametrize("name", ["quickstart.md", "official_release.md", "performance.md"])
 def test_docs_have_examples(name):
     assert all("import" in b or "model" in b for b in python_blocks(name))

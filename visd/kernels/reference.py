@@ -67,12 +67,9 @@ def segment_softmax_pool_reference(
     pooled_a, pooled_b, lse = [], [], []
     for s in range(num_segments):
         lo, hi = bounds[s], bounds[s + 1]
-        if hi == lo:
-            pooled_a.append(x_a.new_zeros((num_heads, x_a.shape[1]), dtype=acc))
-            if x_b is not None:
-                pooled_b.append(x_b.new_zeros((num_heads, x_b.shape[1]), dtype=acc))
-            lse.append(x_a.new_full((num_heads,), -math.inf, dtype=acc))
-            continue
+        # An empty segment needs no special case: softmax over 0 rows is empty, the weighted sum
+        # (H, 0) @ (0, F) is zeros (still connected to the graph, with zero gradients) and the
+        # log-sum-exp over nothing is -inf.
         rows_a = x_a[lo:hi].to(acc)  # (n, Fa)
         logits = rows_a @ u_a[s].to(acc).T  # (n, H)
         if x_b is not None:
