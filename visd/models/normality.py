@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visd.config import NormalityConfig
+from visd.kernels import nearest_code
 
 __all__ = ["NormalityModel", "NormalityOutput", "EMAQuantizer", "QuantizerOutput", "minmax_scale"]
 
@@ -139,9 +140,7 @@ class EMAQuantizer(nn.Module):
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """Index of the nearest codebook row (L2) for each row of ``z`` ``(N, dim)``; ties go to the lowest."""
-        e = self.embeddings
-        dist = (z**2).sum(1, keepdim=True) + (e**2).sum(1) - 2.0 * z @ e.t()
-        return dist.argmin(1)
+        return nearest_code(z, self.embeddings).indices
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         """Quantise ``z`` of shape ``(..., dim)``."""
