@@ -100,17 +100,18 @@ def full_size_model(device: str = "cpu"):
 def chest_volume(shape=(240, 480, 480), seed: int = 0):
     """A preprocessed-looking chest volume with the 4 organs; the lung spans 176 x 448 x 384.
 
-    Returns ``image`` (D, H, W) float32 in [0, 1] and ``mask`` (D, H, W) int64 (1 lung, 2 heart,
+    Returns ``image`` (D, H, W) float32 in [0, 1] and ``mask`` (D, H, W) uint8 (1 lung, 2 heart,
     3 esophagus, 4 aorta), organs as ellipsoids of plausible size and position.
     """
     g = torch.Generator().manual_seed(seed)
     d, h, w = shape
-    zz, yy, xx = torch.meshgrid(torch.arange(d), torch.arange(h), torch.arange(w), indexing="ij")
+    axes = (torch.arange(d).view(-1, 1, 1), torch.arange(h).view(1, -1, 1), torch.arange(w).view(1, 1, -1))
 
-    def ellipsoid(center, radii):
-        return sum(((a - c) / r) ** 2 for a, c, r in zip((zz, yy, xx), center, radii)) <= 1.0
+    def ellipsoid(center, radii):  # broadcasting keeps the generator's own memory small
+        return (((axes[0] - center[0]) / radii[0]) ** 2 + ((axes[1] - center[1]) / radii[1]) ** 2
+                + ((axes[2] - center[2]) / radii[2]) ** 2) <= 1.0
 
-    mask = torch.zeros(shape, dtype=torch.int64)
+    mask = torch.zeros(shape, dtype=torch.uint8)
     lung = ellipsoid((d // 2, h // 2, w // 2), (88, 224, 192))  # bbox 177 x 449 x 385 -> window 176 x 448 x 384
     mask[lung] = 1
     mask[ellipsoid((d // 2 + 20, h // 2 + 40, w // 2 + 30), (40, 80, 90))] = 2

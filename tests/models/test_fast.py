@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from conftest import make_tiny_model, phantom_volume
-from visd.models.fast import _bn_, _maxpool3_s2_p1, backbone_features, pool_organ
+from visd.models import fast
+from visd.models.fast import _bn_, _maxpool3_s2_p1, backbone_features, pool_organ, project
 from visd.models.pooling import OrganPooling
 
 
@@ -40,11 +41,36 @@ def test_backbone_features_match_module_forward():
 def test_pool_organ_matches_attend(generator):
     torch.manual_seed(0)
     pool = OrganPooling(num_organs=3, dim=16, heads=4).eval()
-    other, roi, normal = (torch.randn(n, 16, generator=generator) for n in (11, 4, 4))
+    projs = [torch.nn.Conv3d(c, 16, 1) for c in (4, 8, 6)]
+    feats = [torch.randn(n, c, generator=generator) for n, c in ((9, 4), (5, 8), (3, 6))]
+    roi, normal = torch.randn(4, 16, generator=generator), torch.randn(4, 16, generator=generator)
     with torch.no_grad():
+        tokens = [project(p, f) for p, f in zip(projs, feats)]
+        other = torch.cat(tokens)
         expected = pool.attend(torch.cat([other, roi]), torch.cat([other, normal]), 2)
-        got = pool_organ(pool, other, roi, normal, 2)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        projected = pool_organ(pool, [(other, None)], roi, normal, 2)
+        raw = pool_organ(pool, list(zip(feats, projs)), roi, normal, 2)
+    torch.testing.assert_close(projected, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(raw, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_project_equals_the_1x1x1_convolution(generator):
+    conv = torch.nn.Conv3d(5, 7, 1)
+    x = torch.randn(1, 5, 2, 3, 4, generator=generator)
+    with torch.no_grad():
+        expected = conv(x).flatten(2)[0].t()
+        torch.testing.assert_close(project(conv, x.flatten(2)[0].t()), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_stem_in_slabs_matches_the_whole_stem(monkeypatch):
+    model = make_tiny_model()
+    bb = model.vision.backbone
+    x = torch.rand(1, 1, 37, 64, 48)
+    with torch.no_grad():
+        expected = torch.nn.functional.max_pool3d(torch.relu(bb.bn1(bb.conv1(x))), 3, 2, 1)
+        monkeypatch.setattr(fast, "_STEM_SLAB_VALUES", 8 * 32 * 24 * 3)  # slabs of 3 pooled rows
+        got = fast._stem(bb, x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_zero_shot_fast_equals_official_numerics():

@@ -30,15 +30,54 @@ def _bn_(x: torch.Tensor, bn: torch.nn.BatchNorm3d) -> torch.Tensor:
     return x.mul_(scale.view(1, -1, 1, 1, 1)).add_(shift.view(1, -1, 1, 1, 1))
 
 
+def _pool_axis(x: torch.Tensor, dim: int, front: bool, back: bool) -> torch.Tensor:
+    """Max over windows of 3 with stride 2 along ``dim``; ``front``/``back`` add a -inf row first."""
+    x = x.movedim(dim, -1)
+    if front or back:
+        x = F.pad(x, (int(front), int(back)), value=float("-inf"))
+    out = (x.shape[-1] - 1) // 2
+    y = torch.maximum(x[..., 0 : 2 * out : 2], x[..., 1 : 2 * out + 1 : 2])
+    y = torch.maximum(y, x[..., 2 : 2 * out + 2 : 2], out=y)
+    return y.movedim(-1, dim)
+
+
 def _maxpool3_s2_p1(x: torch.Tensor) -> torch.Tensor:
     """``MaxPool3d(3, stride=2, padding=1)`` as three 1D passes (max is exact in any order)."""
     fmt = torch.channels_last_3d if x.is_contiguous(memory_format=torch.channels_last_3d) else torch.contiguous_format
     for dim in (2, 3, 4):
-        out = (x.shape[dim] - 1) // 2 + 1
-        x = F.pad(x.movedim(dim, -1), (1, 1), value=float("-inf"))
-        x = torch.maximum(torch.maximum(x[..., 0 : 2 * out : 2], x[..., 1 : 2 * out + 1 : 2]), x[..., 2 : 2 * out + 2 : 2])
-        x = x.movedim(-1, dim)
+        x = _pool_axis(x, dim, True, True)
     return x.contiguous(memory_format=fmt)
+
+
+# conv1 output values per slab of the stem (about 256 MiB of float32)
+_STEM_SLAB_VALUES = 1 << 26
+
+
+def _stem(backbone: ResNet3d, x: torch.Tensor) -> torch.Tensor:
+    """conv1 -> BatchNorm -> ReLU -> max pool, in slabs along D so the full-resolution conv1 output
+    (the largest activation of the network) is never held whole."""
+    conv = backbone.conv1
+    kd, pd = conv.kernel_size[0], conv.padding[0]
+    if conv.stride[0] != 1 or kd != 2 * pd + 1:
+        return _maxpool3_s2_p1(_bn_(conv(x), backbone.bn1).relu_())
+    n = x.shape[2]
+    out_d = (n - 1) // 2 + 1
+    per_row = conv.out_channels * x.shape[0] * ((x.shape[3] - 1) // conv.stride[1] + 1) * ((x.shape[4] - 1) // conv.stride[2] + 1)
+    step = max(1, _STEM_SLAB_VALUES // (2 * per_row))
+    slabs = []
+    for a in range(0, out_d, step):
+        b = min(out_d, a + step)
+        r0, r1 = max(2 * a - 1, 0), min(2 * b, n)  # conv1 rows the pooled rows a..b-1 need
+        i0, i1 = r0 - pd, r1 + pd  # input rows those conv rows need
+        slab = x[:, :, max(i0, 0) : min(i1, n)]
+        slab = F.pad(slab, (0, 0, 0, 0, max(0, -i0), max(0, i1 - n)))
+        y = F.conv3d(slab, conv.weight, conv.bias, conv.stride, (0, *conv.padding[1:]), conv.dilation)
+        y = _bn_(y, backbone.bn1).relu_()
+        y = _pool_axis(y, 2, front=a == 0, back=2 * b > n)
+        slabs.append(_pool_axis(_pool_axis(y, 3, True, True), 4, True, True).contiguous())
+        del y
+    fmt = torch.channels_last_3d if x.is_contiguous(memory_format=torch.channels_last_3d) else torch.contiguous_format
+    return torch.cat(slabs, 2).contiguous(memory_format=fmt)
 
 
 def _block(block, x: torch.Tensor) -> torch.Tensor:
@@ -51,8 +90,7 @@ def _block(block, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def backbone_features(backbone: ResNet3d, image: torch.Tensor) -> list[torch.Tensor]:
     """The four stage outputs of ``backbone`` in eval mode, without gradients."""
-    x = _bn_(backbone.conv1(image), backbone.bn1).relu_()
-    x = _maxpool3_s2_p1(x)
+    x = _stem(backbone, image)
     feats = []
     for name in ("layer1", "layer2", "layer3", "layer4"):
         for block in getattr(backbone, name):
@@ -61,42 +99,87 @@ def backbone_features(backbone: ResNet3d, image: torch.Tensor) -> list[torch.Ten
     return feats
 
 
+def organ_features(feats: list[torch.Tensor], flags: list[torch.Tensor], b: int, o: int) -> list[torch.Tensor]:
+    """Backbone features ``(n_k, C_k)`` at the tokens of organ ``o`` in batch item ``b``, per level."""
+    return [f[b].flatten(1)[:, torch.nonzero(fl[b, o]).flatten()].t() for f, fl in zip(feats, flags)]
+
+
+def project(proj: torch.nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1x1 convolution applied to token rows ``(n, C_in)`` -> ``(n, C_out)``."""
+    return torch.addmm(proj.bias, x, proj.weight.view(proj.out_channels, proj.in_channels).t())
+
+
 def organ_level_tokens(
     encoder: VisionEncoder, feats: list[torch.Tensor], flags: list[torch.Tensor], b: int, o: int
 ) -> list[torch.Tensor]:
     """Projected tokens ``(n_k, E)`` of organ ``o`` in batch item ``b``, computed at those tokens only."""
-    tokens = []
-    for proj, f, fl in zip(encoder.projections(), feats, flags):
-        idx = torch.nonzero(fl[b, o]).flatten()
-        x = f[b].flatten(1)[:, idx].t()
-        w = proj.weight.view(proj.out_channels, proj.in_channels)
-        tokens.append(torch.addmm(proj.bias, x, w.t()))
-    return tokens
+    return [project(p, x) for p, x in zip(encoder.projections(), organ_features(feats, flags, b, o))]
+
+
+SharedPart = tuple[torch.Tensor, "torch.nn.Conv3d | None"]
 
 
 def pool_organ(
-    pooling: OrganPooling, other: torch.Tensor, roi: torch.Tensor, normal_roi: torch.Tensor, o: int, *, backend: str = "auto"
+    pooling: OrganPooling,
+    shared: list[SharedPart],
+    roi: torch.Tensor,
+    normal_roi: torch.Tensor,
+    o: int,
+    *,
+    backend: str = "auto",
 ) -> torch.Tensor:
-    """The attention output ``(E,)`` of :meth:`OrganPooling.attend` for tokens ``cat(other, roi)``
-    (original half) and ``cat(other, normal_roi)`` (reconstructed half), in O(n E)."""
+    """The attention output ``(E,)`` of :meth:`OrganPooling.attend`, in O(n C).
+
+    Args:
+        shared: the non-level-4 tokens, whose two hybrid halves are equal, as parts ``(x, proj)``:
+            ``x`` ``(n, C)`` backbone features with the 1x1x1 ``proj`` that makes them tokens, or
+            already projected tokens ``(n, E)`` with ``proj=None``. Scores and means are taken in the
+            ``C``-wide feature space, so the tokens are never projected.
+        roi, normal_roi: ``(n4, E)`` the level-4 tokens and their normal reconstruction.
+    """
     mha = pooling.attention
     e, h = mha.embed_dim, mha.num_heads
     dh = e // h
+    scale = dh**-0.5
     w1, b1 = pooling.fuse1[o].weight, pooling.fuse1[o].bias
     w2, b2 = pooling.fuse2[o].weight, pooling.fuse2[o].bias
-    a = w2 @ w1  # (E, 2E)
+    a = w2 @ w1  # (E, 2E): the folded fusion
     c = w2 @ b1 + b2
+    a_shared = a[:, :e] + a[:, e:]  # [t ; t] -> (A_l + A_r) t
     wq, wk, wv = mha.in_proj_weight.chunk(3)
     bq, _, bv = mha.in_proj_bias.chunk(3)
     q = (wq @ pooling.query_tokens[o] + bq).view(h, dh)
-    kq = torch.einsum("hd,hde->he", q, wk.view(h, dh, e))  # Wk_h^T q_h
+    kq = torch.einsum("hd,hde->he", q, wk.view(h, dh, e))  # Wk_h^T q_h: score = fused . kq_h
     u = kq @ a  # (H, 2E)
-    x_a = torch.cat([other, roi], 0)
-    x_b = torch.cat([other, normal_roi], 0)
-    offsets = torch.tensor([0, x_a.shape[0]], device=x_a.device)
-    pooled = segment_softmax_pool(
-        x_a, x_b, offsets, u[None, :, :e].contiguous(), u[None, :, e:].contiguous(), dh**-0.5, backend=backend
-    )
-    fused_mean = pooled.pooled_a[0] @ a[:, :e].t() + pooled.pooled_b[0] @ a[:, e:].t() + c  # (H, E)
+    u_shared = kq @ a_shared  # (H, E)
+    lses, means = [], []  # per part: (H,) log-sum-exp of its logits, (H, E) its mean fused token (minus c)
+    for x, proj in shared:
+        if proj is None:
+            w_in, offset, to_tokens = u_shared, 0.0, lambda m: m
+        else:
+            p = proj.weight.view(proj.out_channels, proj.in_channels)
+            w_in, offset = u_shared @ p, (u_shared @ proj.bias) * scale
+            to_tokens = lambda m, p=p, bias=proj.bias: m @ p.t() + bias  # noqa: E731
+        out = _pool_one(x, None, w_in, None, scale, backend)
+        lses.append(out.lse[0] + offset)
+        means.append(to_tokens(out.pooled_a[0]) @ a_shared.t())
+    out = _pool_one(roi, normal_roi, u[:, :e], u[:, e:], scale, backend)
+    lses.append(out.lse[0])
+    means.append(out.pooled_a[0] @ a[:, :e].t() + out.pooled_b[0] @ a[:, e:].t())
+    weights = torch.softmax(torch.stack(lses), dim=0)  # (parts, H)
+    fused_mean = (weights[..., None] * torch.stack(means)).sum(0) + c  # (H, E)
     values = torch.einsum("hde,he->hd", wv.view(h, dh, e), fused_mean) + bv.view(h, dh)
     return mha.out_proj(values.reshape(e))
+
+
+def _pool_one(x_a, x_b, u_a, u_b, scale, backend):
+    offsets = torch.tensor([0, x_a.shape[0]], device=x_a.device)
+    return segment_softmax_pool(
+        x_a.contiguous() if x_a.stride(-1) != 1 else x_a,
+        x_b,
+        offsets,
+        u_a[None].contiguous(),
+        None if u_b is None else u_b[None].contiguous(),
+        scale,
+        backend=backend,
+    )

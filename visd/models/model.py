@@ -14,7 +14,7 @@ from torch import nn
 
 from visd.config import FindingSpec, ViSDConfig
 from visd.errors import InputError, did_you_mean
-from visd.models.fast import backbone_features, organ_level_tokens, pool_organ
+from visd.models.fast import backbone_features, organ_features, pool_organ, project
 from visd.models.normality import NormalityModel
 from visd.models.outputs import FindingScore, OrganDetail, OrganEmbeddings, ViSDOutput, ZeroShotResult
 from visd.models.pooling import OrganPooling
@@ -142,13 +142,21 @@ class ViSDModel(nn.Module):
                 "visd.models.windows.pad_to_token_multiple"
             )
 
-    def _organ_embedding(self, keys: list[torch.Tensor], o: int, *, fast: bool) -> tuple[torch.Tensor, OrganDetail, Any]:
-        """Embedding (unnormalised) of organ ``o`` from its four levels of tokens ``(n_k, E)``."""
-        roi, other = keys[3], torch.cat(keys[:3], 0)
+    def _organ_embedding(
+        self, shared: list[tuple[torch.Tensor, Any]], roi: torch.Tensor, o: int, *, fast: bool
+    ) -> tuple[torch.Tensor, OrganDetail, Any]:
+        """Embedding (unnormalised) of organ ``o``.
+
+        Args:
+            shared: the organ's level 1-3 tokens as ``(x, proj)`` parts (see :func:`fast.pool_organ`);
+                the plain path takes one part of projected tokens, ``(tokens, None)``.
+            roi: ``(n4, E)`` the organ's level-4 tokens.
+        """
         normality = self.normality(roi, o)
         if fast:
-            attn = pool_organ(self.pooling, other, roi, normality.reconstruction, o)
+            attn = pool_organ(self.pooling, shared, roi, normality.reconstruction, o)
         else:
+            other = torch.cat([x for x, _ in shared], 0)
             original = torch.cat([other, roi], 0)
             normal = torch.cat([other, normality.reconstruction], 0)
             attn = self.pooling.attend(original, normal, o)
@@ -236,9 +244,12 @@ class ViSDModel(nn.Module):
                 continue
             if self.official_numerics:
                 keys = [lv[b][fl[b, o]] for lv, fl in zip(levels, flags)]
+                shared, roi = [(torch.cat(keys[:3], 0), None)], keys[3]
             else:
-                keys = organ_level_tokens(self.vision, levels, flags, b, o)
-            proj, detail, _ = self._organ_embedding(keys, o, fast=not self.official_numerics)
+                feats = organ_features(levels, flags, b, o)
+                projs = self.vision.projections()
+                shared, roi = list(zip(feats[:3], projs[:3])), project(projs[3], feats[3])
+            proj, detail, _ = self._organ_embedding(shared, roi, o, fast=not self.official_numerics)
             detail.level4_grid = grid
             detail.level4_index = torch.nonzero(flags[3][b, o]).flatten()
             emb[row] = F.normalize(proj, dim=-1) if normalize else proj
@@ -398,7 +409,7 @@ class ViSDModel(nn.Module):
                 if not bool(organ.any()) or _touches_border(organ):
                     continue
                 keys = [lv[b][fl[b, o]] for lv, fl in zip(levels, flags)]
-                proj, _, normality = self._organ_embedding(keys, o, fast=False)
+                proj, _, normality = self._organ_embedding([(torch.cat(keys[:3], 0), None)], keys[3], o, fast=False)
                 embeddings[b, o] = F.normalize(proj, dim=-1)
                 valid[b, o] = True
                 commit.append(normality.commitment_loss)

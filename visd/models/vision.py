@@ -107,17 +107,30 @@ class VisionEncoder(nn.Module):
 
 
 def organ_token_flags(organ_mask: torch.Tensor, num_organs: int) -> list[torch.Tensor]:
-    """Which tokens of each level belong to each organ.
+    """Which tokens of each level belong to each organ (``max_pool3d(organ, stride) > 0``).
 
     Args:
-        organ_mask: ``(B, 1, D, H, W)`` or ``(B, D, H, W)`` label map, organ ``o`` has value ``o + 1``.
+        organ_mask: ``(B, 1, D, H, W)`` or ``(B, D, H, W)`` integer label map, organ ``o`` has value
+            ``o + 1``; D, H, W multiples of :data:`TOKEN_MULTIPLE`.
         num_organs: number of organs O.
 
     Returns:
-        One bool tensor ``(B, O, L_k)`` per level.
+        One bool tensor ``(B, O, L_k)`` per level, tokens flattened row-major over ``(d, h, w)``.
     """
     if organ_mask.dim() == 5:
         organ_mask = organ_mask[:, 0]
-    values = torch.arange(1, num_organs + 1, device=organ_mask.device, dtype=organ_mask.dtype)
-    onehot = (organ_mask[:, None] == values[None, :, None, None, None]).to(torch.float32)
-    return [F.max_pool3d(onehot, s, s).flatten(2) > 0 for s in LEVEL_STRIDES]
+    b, d, h, w = organ_mask.shape
+    if any(n % m for n, m in zip((d, h, w), TOKEN_MULTIPLE)):
+        raise ValueError(f"mask shape {(d, h, w)} is not a multiple of {TOKEN_MULTIPLE}")
+    s0, s1, s2 = LEVEL_STRIDES[0]
+    cells = [
+        (organ_mask == o + 1).view(b, d // s0, s0, h // s1, s1, w // s2, s2).any(6).any(4).any(2)
+        for o in range(num_organs)
+    ]
+    level = torch.stack(cells, 1)  # (B, O, d1, h1, w1)
+    levels = [level]
+    for _ in LEVEL_STRIDES[1:]:  # each level halves the grid of the one before
+        bb, oo, dd, hh, ww = level.shape
+        level = level.view(bb, oo, dd // 2, 2, hh // 2, 2, ww // 2, 2).any(7).any(5).any(3)
+        levels.append(level)
+    return [lv.flatten(2) for lv in levels]
