@@ -214,6 +214,8 @@ class ViSDConfig(_Config):
             raise ValueError(f"schema_version {self.schema_version} is not {SCHEMA_VERSION}; load files with ViSDConfig.from_file")
         if not self.organs or len(set(self.organs)) != len(self.organs):
             raise ValueError(f"organs must be a non-empty list of distinct names, got {self.organs}")
+        if len(self.organs) > 255:
+            raise ValueError(f"at most 255 organs are supported (labels are stored as uint8), got {len(self.organs)}")
         if self.embed_dim % self.attention_heads:
             raise ValueError(
                 f"embed_dim ({self.embed_dim}) must be divisible by attention_heads ({self.attention_heads})"

@@ -122,14 +122,13 @@ class ViSDModel(nn.Module):
             if t.is_floating_point():
                 if not bool(torch.equal(t, t.round())):
                     raise InputError(f"{name} must hold integer organ labels, found non-integer values")
-            t = t.to(torch.int64)
             bad = t[(t < 0) | (t > len(self.organs))].unique()
             if bad.numel():
                 raise InputError(
                     f"{name} has labels {bad.tolist()[:10]} outside 0..{len(self.organs)}; organ labels are "
                     f"1..{len(self.organs)} for {list(self.organs)}. Map the label map with visd.data first."
                 )
-            return t.to(self.device)
+            return t.to(device=self.device, dtype=torch.uint8)  # labels are small: keep large masks light
         t = t.to(torch.float32)
         if not bool(torch.isfinite(t).all()):
             raise InputError(f"{name} has NaN or infinite values; preprocessed images hold values in [0, 1]")
