@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from visd._io import atomic_path
 from visd.config import ViSDConfig
 from visd.errors import CheckpointMismatchError, ConfigError, WeightsNotFoundError
 
@@ -96,14 +97,8 @@ Intended for research use; not a medical device.
 
 
 def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        write(str(tmp))
 
 
 def save_pretrained(model: "ViSDModel", folder: str | Path) -> Path:

@@ -12,7 +12,7 @@ import pytest
 from matplotlib.image import imread
 
 from visd.evaluation import compare, evaluate, write_report
-from visd.evaluation._io import atomic_write_text
+from visd._io import atomic_write_text
 from visd.evaluation.report import format_value
 
 CI = re.compile(r"^\d\.\d{3} \(\d\.\d{3}–\d\.\d{3}\)$")

@@ -20,7 +20,7 @@ import numpy as np
 
 from visd.errors import InputError, did_you_mean
 
-from ._io import atomic_write_bytes
+from visd._io import atomic_write_bytes
 
 __all__ = ["EMBEDDINGS_FORMAT", "Embeddings", "load_embeddings", "save_embeddings"]
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._io import atomic_write_bytes, atomic_write_text
+from visd._io import atomic_write_bytes, atomic_write_text
 from .metrics import METRICS, operating_point, prepare
 from .pipeline import Comparison, Evaluation
 

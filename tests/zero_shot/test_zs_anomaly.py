@@ -1,0 +1,115 @@
+"""Anomaly maps: token deviations placed on the preprocessed grid, known answers and invariants."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from visd.models.outputs import OrganDetail, OrganEmbeddings
+from visd.zero_shot import anomaly_map, pick_slices, render_overlay
+
+ORGANS = ("lung", "heart", "esophagus", "aorta")
+
+
+def _detail(index, deviation, grid, start) -> OrganDetail:
+    n = len(index)
+    return OrganDetail(
+        level4_index=torch.tensor(index, dtype=torch.int64),
+        level4_grid=grid,
+        codes=torch.zeros(n, dtype=torch.int64),
+        deviation=torch.tensor(deviation, dtype=torch.float32),
+        decoded=torch.zeros(n, 4),
+        attention_output=torch.zeros(4),
+        projection=torch.zeros(4),
+        window_start=start,
+    )
+
+
+def _embeddings(details: dict[str, OrganDetail]) -> OrganEmbeddings:
+    names = tuple(details)
+    return OrganEmbeddings(names, torch.zeros(len(names), 4), {n: "scored" for n in names}, details)
+
+
+def _reference(shape, mask, label, index, deviation, grid, start):
+    """Voxel by voxel: the token covering a voxel of the organ, by integer division."""
+    out = np.zeros(shape, dtype=np.float32)
+    value = dict(zip(index, deviation))
+    for z, y, x in np.argwhere(mask == label):
+        rel = (z - start[0], y - start[1], x - start[2])
+        t = (rel[0] // 16, rel[1] // 32, rel[2] // 32)
+        if min(rel) < 0 or any(a >= g for a, g in zip(t, grid)):
+            continue
+        out[z, y, x] = value.get(int(np.ravel_multi_index(t, grid)), 0.0)
+    return out
+
+
+def test_known_answer_blocks_organ_voxels_only():
+    shape = (40, 70, 80)
+    mask = np.zeros(shape, dtype=np.uint8)
+    mask[3:30, 10:60, 8:70] = 1  # lung, spans several token blocks
+    grid, start = (2, 2, 2), (1, 3, 5)
+    index, deviation = [0, 3, 7], [1.0, 2.0, 3.0]
+    amap = anomaly_map(_embeddings({"lung": _detail(index, deviation, grid, start)}), mask, ORGANS)
+    assert amap.dtype == np.float32 and amap.shape == shape
+    # token 0 = block [1:17, 3:35, 5:37]; token 3 = (0, 1, 1) = [1:17, 35:67, 37:69]; token 7 = (1, 1, 1).
+    assert amap[5, 20, 20] == 1.0 and amap[5, 40, 40] == 2.0 and amap[20, 40, 40] == 3.0
+    assert amap[20, 20, 20] == 0.0  # token 4 is not an organ token
+    assert amap[2, 5, 5] == 0.0  # outside the organ
+    np.testing.assert_array_equal(amap, _reference(shape, mask, 1, index, deviation, grid, start))
+
+
+def test_blocks_are_clipped_at_the_volume_end():
+    shape = (20, 40, 40)  # the padded window (32, 64, 64) at (2, 4, 4) runs past every axis
+    mask = np.zeros(shape, dtype=np.uint8)
+    mask[1:20, 2:40, 2:40] = 4  # aorta up to the last voxel, and before the window start
+    grid, start = (2, 2, 2), (2, 4, 4)
+    index, deviation = list(range(8)), [float(i + 1) for i in range(8)]
+    amap = anomaly_map(_embeddings({"aorta": _detail(index, deviation, grid, start)}), mask, ORGANS)
+    np.testing.assert_array_equal(amap, _reference(shape, mask, 4, index, deviation, grid, start))
+    assert amap[19, 39, 39] == 8.0 and amap[10, 10, 10] == 1.0 and amap[19, 10, 39] == 6.0
+    assert amap[1, 2, 2] == 0.0  # an organ voxel outside the window has no token
+
+
+def test_overlapping_windows_take_each_organs_own_value():
+    shape = (32, 64, 64)
+    mask = np.zeros(shape, dtype=np.uint8)
+    mask[2:14, 2:30, 2:30] = 1
+    mask[2:14, 34:60, 34:60] = 4
+    whole = (2, 2, 2)  # both windows cover the whole volume and overlap entirely
+    lung = _detail(list(range(8)), [1.0] * 8, whole, (0, 0, 0))
+    aorta = _detail(list(range(8)), [5.0] * 8, whole, (0, 0, 0))
+    amap = anomaly_map(_embeddings({"lung": lung, "aorta": aorta}), mask, ORGANS)
+    assert np.all(amap[mask == 1] == 1.0) and np.all(amap[mask == 4] == 5.0) and np.all(amap[mask == 0] == 0.0)
+    reverse = anomaly_map(_embeddings({"aorta": aorta, "lung": lung}), mask, ORGANS)
+    np.testing.assert_array_equal(amap, reverse)
+
+
+def test_unknown_organ_is_an_error():
+    bad = _embeddings({"liver": _detail([0], [1.0], (1, 1, 1), (0, 0, 0))})
+    with pytest.raises(ValueError, match="liver"):
+        anomaly_map(bad, np.zeros((16, 32, 32), np.uint8), ORGANS)
+
+
+def test_pick_slices_known_answers():
+    vol = np.zeros((30, 4, 4), dtype=np.float32)
+    vol[10, 0, 0], vol[11, 0, 0], vol[25, 1, 1], vol[3, 2, 2] = 5.0, 4.0, 3.0, 1.0
+    assert pick_slices(vol, 3) == [3, 10, 25]  # 11 is too close to 10 (gap 30 // 6 = 5)
+    assert pick_slices(vol, 4) == [3, 10, 11, 25]  # filled with the next best
+    assert pick_slices(np.zeros((2, 3, 3)), 3) == [0, 1]
+    mask = np.zeros(vol.shape, dtype=np.uint8)
+    mask[3] = 2
+    mask[10:12] = 1  # the organ with the peak at 3 is shown although its value is lowest
+    assert pick_slices(vol, 2, mask) == [3, 10]
+
+
+def test_overlay_figure_has_the_slices_and_a_colorbar():
+    image = np.random.default_rng(0).random((20, 30, 40)).astype(np.float32)
+    amap = np.zeros_like(image)
+    amap[5, 10:20, 10:20] = 2.0
+    mask = (amap > 0).astype(np.uint8)
+    fig = render_overlay(image, amap, mask, organs=ORGANS, title="case", hu_window=(-1150, 350))
+    titles = [ax.get_title() for ax in fig.axes]
+    assert len(fig.axes) == 4  # three slices + the colorbar
+    assert sum("axial slice 5 of 20 (max 2)" in t for t in titles) == 1
+    assert "deviation" in fig.axes[-1].get_ylabel()

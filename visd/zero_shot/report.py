@@ -1,0 +1,96 @@
+"""The result of :func:`visd.zero_shot.diagnose`: a tidy table, one row per (scan, finding).
+
+Columns ``scan, organ, finding, probability, status``. ``status`` is ``"scored"`` or why the finding
+was not scored: the organ's reason (``"organ_absent"``, ...) with a NaN probability, or
+``"error: <message>"`` for every finding of a scan that could not be read. This is the *long* format
+that ``visd evaluate`` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from visd._io import atomic_write_text
+
+__all__ = ["COLUMNS", "DIAGNOSIS_FORMAT", "ERROR_PREFIX", "DiagnosisReport"]
+
+COLUMNS = ("scan", "organ", "finding", "probability", "status")
+DIAGNOSIS_FORMAT = "visd.diagnosis/1"
+ERROR_PREFIX = "error: "
+
+
+@dataclass
+class DiagnosisReport:
+    """Zero-shot findings of a batch of scans.
+
+    Attributes:
+        scans: scan ids, in input order (failed scans included).
+        records: one dict per (scan, finding) with the keys of :data:`COLUMNS`, scans in input order
+            and findings in catalogue order.
+        failed: ``(scan, reason)`` of each scan that was skipped.
+        organs: the model's organs (axis 1 of ``embeddings``).
+        embeddings: ``(N_scans, N_organs, E)`` float32 L2-normalised organ embeddings; NaN rows for
+            organs not scored (absent, not asked for) and for failed scans.
+        anomaly_maps: per scan with maps written, the ``(nifti, png)`` paths.
+        embeddings_path: the embedding file written, if any.
+    """
+
+    scans: tuple[str, ...]
+    records: list[dict[str, Any]]
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    organs: tuple[str, ...] = ()
+    embeddings: np.ndarray | None = None
+    anomaly_maps: dict[str, tuple[Path, Path]] = field(default_factory=dict)
+    embeddings_path: Path | None = None
+
+    @property
+    def succeeded(self) -> tuple[str, ...]:
+        """Scan ids that were diagnosed."""
+        bad = {s for s, _ in self.failed}
+        return tuple(s for s in self.scans if s not in bad)
+
+    def to_pandas(self):
+        """A DataFrame with columns ``scan, organ, finding, probability, status`` (NaN when not scored)."""
+        import pandas as pd
+
+        df = pd.DataFrame(self.records, columns=list(COLUMNS))
+        df["probability"] = df["probability"].astype("float64")
+        return df
+
+    def to_csv(self, path: str | os.PathLike) -> Path:
+        """Write the table as CSV (an empty cell for NaN), atomically; returns the path."""
+        return atomic_write_text(path, self.to_pandas().to_csv(index=False))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready content: format, columns, scans, failed scans with reasons, rows (NaN -> null)."""
+        rows = [
+            {**r, "probability": None if math.isnan(r["probability"]) else float(r["probability"])}
+            for r in self.records
+        ]
+        return {
+            "format": DIAGNOSIS_FORMAT,
+            "columns": list(COLUMNS),
+            "scans": list(self.scans),
+            "failed": [{"scan": s, "reason": r} for s, r in self.failed],
+            "rows": rows,
+        }
+
+    def to_json(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`to_dict` as JSON, atomically; returns the path."""
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+
+    def __repr__(self) -> str:
+        lines = [f"DiagnosisReport({len(self.scans)} scans, {len(self.failed)} failed, {len(self.records)} rows)"]
+        for r in self.records[:40]:
+            p = "   nan" if math.isnan(r["probability"]) else f"{r['probability']:.4f}"
+            lines.append(f"  {r['scan']:<16} {r['organ']:<10} {r['finding']:<36} {p}  {r['status'][:60]}")
+        if len(self.records) > 40:
+            lines.append(f"  ... {len(self.records) - 40} more rows")
+        return "\n".join(lines)
