@@ -1,28 +1,62 @@
-"""A loopback emulator of the Hugging Face Hub's file endpoints, for tests of Hub loading.
+"""A loopback emulator of the Hugging Face Hub's file endpoints, for tests of Hub loading and pushing.
 
 ``LoopbackHub`` serves model repos from local folders on ``127.0.0.1`` so that the real
 ``huggingface_hub`` client (``hf_hub_download``, ``snapshot_download``, ``HfApi().model_info``)
-can download from it. It answers what huggingface_hub 2.x asks for:
+can download from it, and ``HfApi().create_repo`` / ``upload_folder`` / ``create_commit`` can push
+to it. Downloads: it answers what huggingface_hub 2.x asks for:
 
 * ``GET /api/models/{repo_id}`` and ``GET /api/models/{repo_id}/revision/{revision}``: model info
   with ``sha`` and ``siblings`` (``snapshot_download`` resolves the revision to a commit here);
 * ``GET /api/models/{repo_id}/tree/{revision}[/{path}]?recursive=...``: the file listing
   ``snapshot_download`` downloads from;
+* ``GET /api/models/{repo_id}/commits/{revision}``: the history (``HfApi().list_repo_commits``);
 * ``HEAD``/``GET /{repo_id}/resolve/{revision}/{path}``: file metadata and bytes. Regular files
   answer 200 with ``X-Repo-Commit``, ``ETag`` (the git blob id) and ``Content-Length``. LFS files
   (weights: see ``LFS_SUFFIXES``) answer 302 with ``X-Linked-Etag`` (the sha256), ``X-Linked-Size``
   and a ``Location`` on a second loopback server, the "CDN", as the Hub redirects to its CDN.
   No ``X-Xet-*`` header is ever sent, so the client uses plain HTTP downloads.
 
+Uploads, as huggingface_hub 2.4 sends them (``create_repo`` then ``upload_folder``):
+
+* ``POST /api/repos/create``: a new repo gets an initial commit holding ``.gitattributes`` (the LFS
+  rules below), as on the Hub; an existing one answers 409 with its ``url``, which
+  ``create_repo(exist_ok=True)`` accepts;
+* ``POST /api/validate-yaml``: the model card front matter must be a closed ``---`` block;
+* ``POST /api/models/{repo_id}/preupload/{revision}``: per file, ``uploadMode`` "lfs" (suffix in
+  ``LFS_SUFFIXES`` or 10 MiB and more, the rule downloads use) or "regular", and the ``oid`` of the
+  file already on the branch, so the client skips unchanged files (and a push that changes nothing
+  makes no commit: the branch keeps its sha);
+* ``POST /{repo_id}.git/info/lfs/objects/batch``: the LFS "basic" transfer: for each object not yet
+  stored, an ``upload`` href on the CDN origin (``PUT /lfs-upload/{repo_id}/{sha256}``, accepted only
+  for objects announced by a batch, and only if the bytes hash to the oid) and a ``verify`` href
+  (``POST /{repo_id}.git/info/lfs/objects/verify``); stored objects get no actions;
+* ``POST /api/models/{repo_id}/commit/{branch}``: the NDJSON commit (``header``; ``file`` with
+  base64 content; ``lfsFile`` by sha256, which must have been uploaded; ``deletedFile``;
+  ``deletedFolder``; ``parentCommit`` checked, 412 if stale). It moves the branch to a new commit whose
+  sha hashes the repo id, parent, message and tree (so every commit is new, unlike ``add_repo``) and
+  answers ``commitOid`` / ``commitUrl`` (``{endpoint}/{repo_id}/commit/{sha}``). Pushed files are
+  served by the download endpoints above, byte for byte.
+
+Writes need ``Authorization: Bearer <token>`` (any non-empty token); without one they answer 401, as
+the Hub does. Reads need none. Xet is not emulated: huggingface_hub 2.4 picks Xet uploads on the client
+side whenever ``hf_xet`` is installed (``upload_folder`` -> ``pipelined_upload``; the server is not
+asked), so :func:`use_loopback_hub` and :func:`hf_subprocess_env` set ``HF_HUB_DISABLE_XET``, which
+sends it through ``create_commit`` and the LFS batch API above; its Xet token endpoints answer 501
+saying so. Pull requests (``create_pr``) answer 501 too.
+
 Unknown repos, revisions and files answer 404 with the ``X-Error-Code`` the client maps to
 ``RepositoryNotFoundError``, ``RevisionNotFoundError`` and ``RemoteEntryNotFoundError``. Every
-request is logged, so a test can assert what was fetched and that an offline load sent nothing.
+request is logged, so a test can assert what was fetched, what was pushed and that an offline load
+sent nothing.
 
-Only model repos with ``namespace/name`` ids are served; no auth, no pagination, no uploads.
+Only model repos with ``namespace/name`` ids are served; no pagination, no private-repo access checks
+(``private`` is recorded and reported by model info only), no branches other than those made with
+``add_repo``.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -47,12 +81,31 @@ LFS_SUFFIXES = (
 _LFS_MIN_SIZE = 10 * 1024 * 1024  # the Hub refuses larger files outside LFS
 _DATE = "2024-01-01T00:00:00.000Z"
 _RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
-_API = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/(?P<kind>revision|tree)/(?P<rev>[^/]+)(?P<path>/.*)?)?$")
+_API = re.compile(
+    r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/(?P<kind>revision|tree|commits)/(?P<rev>[^/]+)(?P<path>/.*)?)?$"
+)
 _CDN = re.compile(r"^/cdn-lfs/(?P<repo>[^/]+/[^/]+)/(?P<sha256>[0-9a-f]{64})$")
+_PUSH = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/(?P<op>preupload|commit)/(?P<rev>[^/]+)$")
+_LFS_API = re.compile(r"^/(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/(?P<op>batch|verify)$")
+_LFS_PUT = re.compile(r"^/lfs-upload/(?P<repo>[^/]+/[^/]+)/(?P<sha256>[0-9a-f]{64})$")
+_XET = re.compile(r"^/api/models/[^/]+/[^/]+/xet-(?:read|write)-token(?:/.*)?$")
+_GITATTRIBUTES = "".join(f"*{suffix} filter=lfs diff=lfs merge=lfs -text\n" for suffix in LFS_SUFFIXES).encode()
 
 
 def _git_blob_id(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _stored_with_lfs(path: str, size: int) -> bool:
+    return path.endswith(LFS_SUFFIXES) or size >= _LFS_MIN_SIZE
+
+
+class _HubError(Exception):
+    """An error answer: status, ``X-Error-Code`` (or None) and message."""
+
+    def __init__(self, status: int, code: str | None, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
 
 
 @dataclass(frozen=True)
@@ -65,7 +118,11 @@ class _File:
     @classmethod
     def read(cls, path: Path, relpath: str) -> _File:
         data = path.read_bytes()
-        if not (relpath.endswith(LFS_SUFFIXES) or len(data) >= _LFS_MIN_SIZE):
+        return cls.of(data, lfs=_stored_with_lfs(relpath, len(data)))
+
+    @classmethod
+    def of(cls, data: bytes, *, lfs: bool) -> _File:
+        if not lfs:
             return cls(data, _git_blob_id(data), None, None)
         sha256 = hashlib.sha256(data).hexdigest()
         pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {len(data)}\n".encode()
@@ -82,6 +139,18 @@ class _File:
 class _Commit:
     sha: str
     files: dict[str, _File]  # posix path in the repo -> file
+    parent: str | None = None
+    title: str = "Add files with LoopbackHub.add_repo"
+    message: str = ""
+
+
+def _tree(files: dict[str, _File]) -> str:
+    return "".join(f"{path}\0{f.blob_id}\n" for path, f in sorted(files.items()))
+
+
+def _pushed_commit(repo_id: str, parent: str | None, title: str, message: str, files: dict[str, _File]) -> _Commit:
+    sha = hashlib.sha1(f"{repo_id}\n{parent}\n{title}\n{message}\n{_tree(files)}".encode()).hexdigest()
+    return _Commit(sha, files, parent, title, message)
 
 
 class LoopbackHub:
@@ -94,6 +163,9 @@ class LoopbackHub:
 
     def __init__(self) -> None:
         self._repos: dict[str, dict[str, _Commit]] = {}  # repo id -> revision name or commit sha -> commit
+        self._private: set[str] = set()
+        self._lfs: dict[str, bytes] = {}  # sha256 -> bytes of every LFS object stored
+        self._lfs_expected: dict[str, int] = {}  # sha256 -> size, announced by a batch, not yet PUT
         self._log: list[tuple[str, str]] = []
         self._downloads: list[tuple[str, str]] = []
         self._lock = threading.Lock()
@@ -119,10 +191,10 @@ class LoopbackHub:
             for p in sorted(root.rglob("*"))
             if p.is_file()
         }
-        tree = "".join(f"{path}\0{f.blob_id}\n" for path, f in sorted(files.items()))
-        sha = hashlib.sha1(f"{repo_id}\n{tree}".encode()).hexdigest()
+        sha = hashlib.sha1(f"{repo_id}\n{_tree(files)}".encode()).hexdigest()
         commit = _Commit(sha, files)
         with self._lock:
+            self._lfs |= {f.sha256: f.data for f in files.values() if f.sha256 is not None}
             revisions = self._repos.setdefault(repo_id, {})
             revisions[revision] = commit
             revisions[sha] = commit
@@ -203,6 +275,83 @@ class LoopbackHub:
             revisions = self._repos.get(repo_id)
             return revisions, (revisions or {}).get(revision)
 
+    def _is_private(self, repo_id: str) -> bool:
+        with self._lock:
+            return repo_id in self._private
+
+    # -- writes, called by the handler ----------------------------------------------------------------
+    def _create_repo(self, repo_id: str, *, private: bool) -> bool:
+        """Create ``repo_id`` with the Hub's initial commit; False if it exists already."""
+        gitattributes = {".gitattributes": _File.of(_GITATTRIBUTES, lfs=False)}
+        initial = _pushed_commit(repo_id, None, "initial commit", "", gitattributes)
+        with self._lock:
+            if repo_id in self._repos:
+                return False
+            self._repos[repo_id] = {"main": initial, initial.sha: initial}
+            if private:
+                self._private.add(repo_id)
+        return True
+
+    def _require_repo(self, repo_id: str) -> None:
+        with self._lock:
+            if repo_id not in self._repos:
+                raise _HubError(404, "RepoNotFound", "Repository not found")
+
+    def _lfs_wanted(self, sha256: str, size: int) -> bool:
+        """True (and expect a PUT) unless the object is stored already."""
+        with self._lock:
+            stored = self._lfs.get(sha256)
+            if stored is not None and len(stored) == size:
+                return False
+            self._lfs_expected[sha256] = size
+            return True
+
+    def _lfs_receive(self, sha256: str, data: bytes) -> None:
+        with self._lock:
+            size = self._lfs_expected.get(sha256)
+            if size is None:
+                raise _HubError(403, None, f"no upload of LFS object {sha256} was announced: ask the batch API first")
+            if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
+                raise _HubError(400, None, f"uploaded bytes do not match LFS object {sha256} of size {size}")
+            del self._lfs_expected[sha256]
+            self._lfs[sha256] = data
+
+    def _lfs_object(self, sha256: str) -> bytes | None:
+        with self._lock:
+            return self._lfs.get(sha256)
+
+    def _commit(
+        self, repo_id: str, branch: str, header: dict, operations: list[tuple[str, str, _File | None]]
+    ) -> _Commit:
+        """Apply ``(key, path, file)`` operations on top of ``branch`` and move it to the new commit."""
+        with self._lock:
+            revisions = self._repos.get(repo_id)
+            if revisions is None:
+                raise _HubError(404, "RepoNotFound", "Repository not found")
+            head = revisions.get(branch)
+            if head is None or head.sha == branch:
+                raise _HubError(404, "RevisionNotFound", f"Invalid rev id: {branch} (commits go to a branch)")
+            parent = header.get("parentCommit")
+            if parent is not None and not head.sha.startswith(parent):
+                raise _HubError(412, None, "A commit has happened since. Please refresh and try again.")
+            files = dict(head.files)
+            for key, path, file in operations:
+                if key == "deletedFolder":
+                    inside = [p for p in files if p.startswith(path.rstrip("/") + "/")]
+                    if not inside:
+                        raise _HubError(404, "EntryNotFound", f"A folder with this name doesn't exist: {path}")
+                    for p in inside:
+                        del files[p]
+                elif file is None:
+                    if files.pop(path, None) is None:
+                        raise _HubError(404, "EntryNotFound", f"A file with this name doesn't exist: {path}")
+                else:
+                    files[path] = file
+            commit = _pushed_commit(repo_id, head.sha, header.get("summary", ""), header.get("description", ""), files)
+            revisions[branch] = commit
+            revisions[commit.sha] = commit
+        return commit
+
 
 class _Handler(BaseHTTPRequestHandler):
     """Routes one request to the Hub or CDN answers. HTTP/1.0: one request per connection."""
@@ -218,6 +367,12 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._dispatch(send_body=True)
 
+    def do_POST(self) -> None:
+        self._dispatch_write()
+
+    def do_PUT(self) -> None:
+        self._dispatch_write()
+
     def _dispatch(self, send_body: bool) -> None:
         hub: LoopbackHub = self.server.hub  # type: ignore[attr-defined]
         split = urlsplit(self.path)
@@ -225,6 +380,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_body = send_body
         if self.server.is_cdn:  # type: ignore[attr-defined]
             return self._cdn(hub, split.path, parse_qs(split.query))
+        if _XET.match(split.path):
+            return self._error(501, None, _NO_XET)
         if match := _RESOLVE.match(split.path):
             return self._resolve(hub, unquote(match["repo"]), unquote(match["rev"]), unquote(match["path"]))
         if match := _API.match(split.path):
@@ -232,8 +389,145 @@ class _Handler(BaseHTTPRequestHandler):
             if match["kind"] == "tree":
                 folder = unquote(match["path"] or "").strip("/")
                 return self._tree(hub, unquote(match["repo"]), rev, folder, parse_qs(split.query))
+            if match["kind"] == "commits" and not match["path"]:
+                return self._commits(hub, unquote(match["repo"]), rev)
             return self._model_info(hub, unquote(match["repo"]), rev, parse_qs(split.query))
         self._error(404, None, f"no such endpoint: {split.path}")
+
+    def _dispatch_write(self) -> None:
+        hub: LoopbackHub = self.server.hub  # type: ignore[attr-defined]
+        split = urlsplit(self.path)
+        hub._record(self.command, unquote(split.path))
+        self._send_body = True
+        body = self._read_body()
+        try:
+            self._route_write(hub, split.path, parse_qs(split.query), body)
+        except _HubError as e:
+            self._error(e.status, e.code, e.message)
+        except (ValueError, KeyError, TypeError) as e:  # malformed JSON, NDJSON or base64
+            self._error(400, None, f"malformed request body: {e!r}")
+
+    def _route_write(self, hub: LoopbackHub, path: str, query: dict[str, list[str]], body: bytes) -> None:
+        if self.server.is_cdn:  # type: ignore[attr-defined]  # the presigned-URL-like upload target
+            if self.command == "PUT" and (match := _LFS_PUT.match(path)):
+                hub._lfs_receive(match["sha256"], body)
+                return self._send(200, b"", {"ETag": f'"{hashlib.md5(body).hexdigest()}"'})
+            raise _HubError(404, None, f"no such endpoint: {self.command} {path}")
+        if self.command == "POST" and path == "/api/validate-yaml":
+            return self._post_validate_yaml(json.loads(body))
+        if self.command != "POST" or not (path == "/api/repos/create" or _PUSH.match(path) or _LFS_API.match(path)):
+            if _XET.match(path):
+                raise _HubError(501, None, _NO_XET)
+            raise _HubError(404, None, f"no such endpoint: {self.command} {path}")
+        scheme, _, token = self.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise _HubError(401, None, "Invalid username or password.")
+        if path == "/api/repos/create":
+            return self._post_create_repo(hub, json.loads(body))
+        if match := _PUSH.match(path):
+            if "create_pr" in query:
+                raise _HubError(501, None, "pull requests (create_pr) are not emulated by LoopbackHub")
+            repo_id, rev = unquote(match["repo"]), unquote(match["rev"])
+            if match["op"] == "preupload":
+                return self._post_preupload(hub, repo_id, rev, json.loads(body))
+            return self._post_commit(hub, repo_id, rev, body)
+        match = _LFS_API.match(path)
+        repo_id = unquote(match["repo"])
+        hub._require_repo(repo_id)
+        if match["op"] == "batch":
+            return self._post_lfs_batch(hub, repo_id, json.loads(body))
+        request = json.loads(body)
+        data = hub._lfs_object(request["oid"])
+        if data is None or len(data) != request["size"]:
+            raise _HubError(404, None, f"LFS object {request['oid']} of size {request['size']} is not stored")
+        self._send_json({"success": True})
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        chunks = []
+        while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+            chunks.append(self.rfile.read(size))
+            self.rfile.readline()
+        while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
+            pass
+        return b"".join(chunks)
+
+    # -- answers to writes --------------------------------------------------------------------------
+    def _post_validate_yaml(self, request: dict) -> None:
+        lines = str(request["content"]).splitlines()
+        if lines and lines[0].strip() == "---" and "---" not in (line.strip() for line in lines[1:]):
+            message = "README.md metadata: the front matter opened by '---' is never closed"
+            return self._send(400, json.dumps({"errors": [{"message": message}], "warnings": []}).encode(),
+                              {"X-Error-Message": message}, "application/json")
+        self._send_json({"errors": [], "warnings": []})
+
+    def _post_create_repo(self, hub: LoopbackHub, request: dict) -> None:
+        if request.get("type", "model") not in (None, "model"):
+            raise _HubError(400, None, f"only model repos are emulated, got type {request['type']!r}")
+        if not request.get("organization") or not request.get("name"):
+            raise _HubError(400, None, "LoopbackHub needs a 'namespace/name' repo id (it has no users)")
+        repo_id = f"{request['organization']}/{request['name']}"
+        url = f"{hub.endpoint}/{repo_id}"
+        if not hub._create_repo(repo_id, private=request.get("visibility") == "private"):
+            message = "You already created this model repo"
+            return self._send(409, json.dumps({"error": message, "url": url}).encode(), {"X-Error-Message": message},
+                              "application/json")
+        self._send_json({"url": url, "name": repo_id})
+
+    def _post_preupload(self, hub: LoopbackHub, repo_id: str, revision: str, request: dict) -> None:
+        head = self._find(hub, repo_id, revision)
+        if head is None:
+            return
+        answers = []
+        for file in request["files"]:
+            mode = "lfs" if _stored_with_lfs(file["path"], file["size"]) else "regular"
+            answer = {"path": file["path"], "uploadMode": mode, "shouldIgnore": False}
+            if (remote := head.files.get(file["path"])) is not None:  # lets the client skip unchanged files
+                answer["oid"] = remote.sha256 if remote.sha256 is not None else remote.blob_id
+            answers.append(answer)
+        self._send_json({"files": answers, "commitOid": head.sha})
+
+    def _post_lfs_batch(self, hub: LoopbackHub, repo_id: str, request: dict) -> None:
+        if request.get("operation") != "upload":
+            raise _HubError(501, None, "only LFS uploads go through the batch API of LoopbackHub")
+        objects = []
+        for obj in request["objects"]:
+            entry = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
+            if hub._lfs_wanted(obj["oid"], obj["size"]):
+                entry["actions"] = {
+                    "upload": {"href": f"{hub.cdn_endpoint}/lfs-upload/{repo_id}/{obj['oid']}", "expires_in": 3600},
+                    "verify": {"href": f"{hub.endpoint}/{repo_id}.git/info/lfs/objects/verify"},
+                }
+            objects.append(entry)
+        self._send(200, json.dumps({"transfer": "basic", "objects": objects}).encode(), {},
+                   "application/vnd.git-lfs+json")
+
+    def _post_commit(self, hub: LoopbackHub, repo_id: str, branch: str, body: bytes) -> None:
+        items = [json.loads(line) for line in body.splitlines() if line.strip()]
+        if not items or items[0].get("key") != "header" or not items[0]["value"].get("summary"):
+            raise _HubError(400, None, "the commit must start with a header line with a non-empty summary")
+        operations: list[tuple[str, str, _File | None]] = []
+        for item in items[1:]:
+            key, value = item["key"], item["value"]
+            if key == "file":
+                content = value["content"]
+                base64_encoded = value.get("encoding") == "base64"
+                data = base64.b64decode(content, validate=True) if base64_encoded else content.encode()
+                operations.append((key, value["path"], _File.of(data, lfs=False)))
+            elif key == "lfsFile":
+                data = hub._lfs_object(value["oid"])
+                if data is None or value.get("size", len(data)) != len(data):
+                    raise _HubError(422, None, f"LFS pointer of {value['path']} points to an object never uploaded: "
+                                               f"{value['oid']}")
+                operations.append((key, value["path"], _File.of(data, lfs=True)))
+            elif key in ("deletedFile", "deletedFolder"):
+                operations.append((key, value["path"], None))
+            else:
+                raise _HubError(400, None, f"unknown commit operation {key!r}")
+        commit = hub._commit(repo_id, branch, items[0]["value"], operations)
+        url = f"{hub.endpoint}/{repo_id}/commit/{commit.sha}"
+        self._send_json({"success": True, "commitOid": commit.sha, "commitUrl": url, "hookOutput": ""})
 
     # -- answers ----------------------------------------------------------------------------------
     def _find(self, hub: LoopbackHub, repo_id: str, revision: str) -> _Commit | None:
@@ -288,7 +582,8 @@ class _Handler(BaseHTTPRequestHandler):
             siblings.append(sibling)
         info = {
             "_id": commit.sha[:24], "id": repo_id, "modelId": repo_id, "author": repo_id.split("/")[0],
-            "sha": commit.sha, "lastModified": _DATE, "createdAt": _DATE, "private": False, "disabled": False,
+            "sha": commit.sha, "lastModified": _DATE, "createdAt": _DATE, "private": hub._is_private(repo_id),
+            "disabled": False,
             "gated": False, "downloads": 0, "likes": 0, "tags": [], "siblings": siblings,
             "usedStorage": sum(len(f.data) for f in commit.files.values()),
         }
@@ -318,6 +613,16 @@ class _Handler(BaseHTTPRequestHandler):
                    for d in dirs]
         self._send_json(sorted(folders, key=lambda e: e["path"]) + files)
 
+    def _commits(self, hub: LoopbackHub, repo_id: str, revision: str) -> None:
+        commit = self._find(hub, repo_id, revision)
+        history = []
+        while commit is not None:
+            history.append({"id": commit.sha, "title": commit.title, "message": commit.message, "date": _DATE,
+                            "authors": [{"user": "loopback"}]})
+            commit = hub._lookup(repo_id, commit.parent)[1] if commit.parent else None
+        if history:
+            self._send_json(history)
+
     # -- responses --------------------------------------------------------------------------------
     def _error(self, status: int, code: str | None, message: str, commit: str | None = None) -> None:
         headers = {"X-Error-Message": message}
@@ -342,6 +647,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
 
+_NO_XET = "Xet storage is not emulated by LoopbackHub: set HF_HUB_DISABLE_XET=1 (use_loopback_hub does)"
+
+
 # -- pointing huggingface_hub at the emulator ---------------------------------------------------------
 def use_loopback_hub(
     monkeypatch: pytest.MonkeyPatch, hub: LoopbackHub, *, cache_dir: str | os.PathLike | None = None
@@ -355,7 +663,10 @@ def use_loopback_hub(
     child processes. ``HfApi()`` objects created later read ``constants.ENDPOINT`` and follow (ones
     created earlier, e.g. at import by the code under test, keep their endpoint: create them late).
     It also turns telemetry off (otherwise the client fetches ``/api/agent-harnesses`` from the
-    endpoint and pings it), stops a stored token from being sent, forces online mode, keeps any
+    endpoint and pings it), stops a stored token from being sent (``HF_TOKEN`` unset, implicit
+    tokens off: only an explicit ``token=`` authenticates), turns Xet off (``HF_HUB_DISABLE_XET``,
+    read per call from ``constants``: uploads then use ``create_commit`` and the LFS batch API, see
+    the module docstring), forces online mode, keeps any
     proxy away from 127.0.0.1, and, with ``cache_dir``, makes it the default ``HF_HUB_CACHE`` so
     code that passes ``cache_dir=None`` cannot touch the user's cache. monkeypatch undoes it all.
     The shared HTTP client is closed, so the next request builds one that sees the proxy settings.
@@ -370,6 +681,10 @@ def use_loopback_hub(
     monkeypatch.setattr(hf_api.api, "endpoint", endpoint)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_IMPLICIT_TOKEN", True)
+    monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
@@ -406,7 +721,8 @@ def hf_subprocess_env(
     env = dict(os.environ)
     for name in ("HF_ENDPOINT", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         env.pop(name, None)
-    env |= {"HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    env |= {"HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            "HF_HUB_DISABLE_XET": "1"}
     for name in ("NO_PROXY", "no_proxy"):
         env[name] = ",".join(filter(None, [env.get(name), "127.0.0.1"]))
     if endpoint is not None:

@@ -17,6 +17,7 @@ __all__ = [
     "WeightsNotFoundError",
     "CheckpointMismatchError",
     "MissingDependencyError",
+    "HubAuthError",
     "did_you_mean",
 ]
 
@@ -43,6 +44,10 @@ class CheckpointMismatchError(VisdError, RuntimeError):
 
 class MissingDependencyError(VisdError, ImportError):
     """An optional dependency needed for this feature is not installed."""
+
+
+class HubAuthError(VisdError, PermissionError):
+    """The Hugging Face Hub refused a write: no token, or a token without write access."""
 
 
 def did_you_mean(value: str, choices: Iterable[str]) -> str:

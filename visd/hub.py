@@ -19,7 +19,7 @@ import torch
 
 from visd._io import atomic_path
 from visd.config import ViSDConfig
-from visd.errors import CheckpointMismatchError, ConfigError, WeightsNotFoundError
+from visd.errors import CheckpointMismatchError, ConfigError, HubAuthError, WeightsNotFoundError
 
 if TYPE_CHECKING:
     from visd.models.model import ViSDModel
@@ -108,7 +108,9 @@ def save_pretrained(model: "ViSDModel", folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt", "library": "visd"}))
+    # one metadata key: safetensors writes the map in hash order, so two keys would make the bytes vary
+    # from save to save and push_to_hub of an unchanged model would upload a new commit
+    _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
     _atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(model.config.to_json()))
     if model.tokenizer is not None:
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
@@ -222,10 +224,22 @@ def push_to_hub(
 
     if not _REPO_ID.match(repo_id):
         raise ConfigError(f"invalid Hub repo id {repo_id!r}: expected 'org/name'")
+    from huggingface_hub.errors import HfHubHTTPError
+
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_pretrained(model, tmp)
-        info = api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision, commit_message=commit_message)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            save_pretrained(model, tmp)
+            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision, commit_message=commit_message)
+    except HfHubHTTPError as e:  # the Hub may also answer a refused write with RepositoryNotFoundError
+        status = e.response.status_code if e.response is not None else None
+        if status not in (401, 403):
+            raise
+        sent = "the token passed" if token is not None else "no token was passed and the stored one (if any)"
+        raise HubAuthError(
+            f"the Hugging Face Hub refused to write to {repo_id!r} (HTTP {status}): {sent} gives no write access "
+            "to it. Pass token='hf_...' with write access to that namespace, or log in with `hf auth login`."
+        ) from e
     return str(getattr(info, "commit_url", info))
 
