@@ -45,8 +45,22 @@ def commit() -> str:
         return "unknown"
 
 
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark of this process (Linux >= 4.0), so the peak is the workload's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def peak_rss_gb() -> float:
-    """Peak resident memory of this process so far, in GiB (Linux: ru_maxrss is KiB)."""
+    """Peak resident memory of this process since :func:`reset_peak_rss` (or its start), in GiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
@@ -55,7 +69,10 @@ def peak_gpu_gb() -> float:
 
 
 def timed(fn, repeat: int = 1):
-    """Run ``fn`` ``repeat`` times; return (last result, best seconds)."""
+    """Run ``fn`` ``repeat`` times; return (last result, best seconds). Resets the peak-memory marks."""
+    reset_peak_rss()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     best, out = float("inf"), None
     for _ in range(repeat):
         if torch.cuda.is_available():
@@ -69,7 +86,11 @@ def timed(fn, repeat: int = 1):
 
 
 def record(workload: str, mode: str, seconds: float, peak_gb: float, note: str = "", command: str = "") -> None:
-    """Print a result and append it as a table row to benchmarks/README.md."""
+    """Print a result and append it as a table row to benchmarks/README.md.
+
+    Peak memory is the process's peak resident set during the timed run (model weights included),
+    or the peak CUDA allocation on a GPU.
+    """
     row = (
         f"| {_dt.date.today()} | {workload} | {mode} | {seconds:.2f} | {peak_gb:.2f} | {machine()} | "
         f"torch {torch.__version__} | {commit()} | {note} | `{command}` |"
@@ -117,8 +138,8 @@ def chest_volume(shape=(240, 480, 480), seed: int = 0):
     mask[ellipsoid((d // 2 + 20, h // 2 + 40, w // 2 + 30), (40, 80, 90))] = 2
     mask[ellipsoid((d // 2, h // 2 + 90, w // 2 - 10), (70, 8, 8))] = 3
     mask[ellipsoid((d // 2 - 10, h // 2 + 60, w // 2 - 40), (60, 14, 14))] = 4
-    image = torch.rand(shape, generator=g) * 0.2 + 0.3
-    image[mask == 1] -= 0.25
+    image = torch.rand(shape, generator=g).mul_(0.2).add_(0.3)
+    image.sub_((mask == 1).to(torch.float32).mul_(0.25))
     return image.clamp_(0, 1), mask
 
 
