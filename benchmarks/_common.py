@@ -118,35 +118,43 @@ def full_size_model(device: str = "cpu"):
     return model.eval().to(device)
 
 
-def chest_volume(shape=(240, 480, 480), seed: int = 0):
-    """A preprocessed-looking chest volume with the 4 organs; the lung spans 176 x 448 x 384.
-
-    Returns ``image`` (D, H, W) float32 in [0, 1] and ``mask`` (D, H, W) uint8 (1 lung, 2 heart,
-    3 esophagus, 4 aorta), organs as ellipsoids of plausible size and position.
-    """
+def _phantom(shape, organs, seed):
+    """Image in [0, 1] and uint8 label map with ellipsoid organs ``(label, centre, radii)``."""
     g = torch.Generator().manual_seed(seed)
     d, h, w = shape
     axes = (torch.arange(d).view(-1, 1, 1), torch.arange(h).view(1, -1, 1), torch.arange(w).view(1, 1, -1))
-
-    def ellipsoid(center, radii):  # broadcasting keeps the generator's own memory small
-        return (((axes[0] - center[0]) / radii[0]) ** 2 + ((axes[1] - center[1]) / radii[1]) ** 2
-                + ((axes[2] - center[2]) / radii[2]) ** 2) <= 1.0
-
     mask = torch.zeros(shape, dtype=torch.uint8)
-    lung = ellipsoid((d // 2, h // 2, w // 2), (88, 224, 192))  # bbox 177 x 449 x 385 -> window 176 x 448 x 384
-    mask[lung] = 1
-    mask[ellipsoid((d // 2 + 20, h // 2 + 40, w // 2 + 30), (40, 80, 90))] = 2
-    mask[ellipsoid((d // 2, h // 2 + 90, w // 2 - 10), (70, 8, 8))] = 3
-    mask[ellipsoid((d // 2 - 10, h // 2 + 60, w // 2 - 40), (60, 14, 14))] = 4
+    for label, center, radii in organs:  # broadcasting keeps the generator's own memory small
+        inside = sum(((a - c) / r) ** 2 for a, c, r in zip(axes, center, radii)) <= 1.0
+        mask[inside] = label
     image = torch.rand(shape, generator=g).mul_(0.2).add_(0.3)
     image.sub_((mask == 1).to(torch.float32).mul_(0.25))
     return image.clamp_(0, 1), mask
 
 
+def chest_volume(shape=(240, 480, 480), seed: int = 0):
+    """A preprocessed-looking chest volume with the 4 organs; the lung window is 176 x 448 x 384.
+
+    Returns ``image`` (D, H, W) float32 in [0, 1] and ``mask`` (D, H, W) uint8 (1 lung, 2 heart,
+    3 esophagus, 4 aorta), organs as ellipsoids of plausible size and position.
+    """
+    d, h, w = shape
+    return _phantom(shape, [
+        (1, (d // 2, h // 2, w // 2), (88, 224, 192)),  # bbox extent 176 x 448 x 384
+        (2, (d // 2 + 20, h // 2 + 40, w // 2 + 30), (40, 80, 90)),
+        (3, (d // 2, h // 2 + 90, w // 2 - 10), (70, 8, 8)),
+        (4, (d // 2 - 10, h // 2 + 60, w // 2 - 40), (60, 14, 14)),
+    ], seed)
+
+
 def window_inputs(seed: int = 0):
-    """One 112 x 256 x 352 window from the centre of :func:`chest_volume` (the 4 organs, lung cut)."""
-    image, mask = chest_volume(seed=seed)
-    return image[64:176, 112:368, 64:416].contiguous(), mask[64:176, 112:368, 64:416].contiguous()
+    """One 112 x 256 x 352 window holding the 4 organs whole (as the reference window case)."""
+    return _phantom((112, 256, 352), [
+        (1, (56, 128, 176), (40, 100, 140)),
+        (2, (60, 150, 200), (20, 40, 45)),
+        (3, (56, 180, 160), (35, 6, 6)),
+        (4, (50, 160, 120), (30, 10, 10)),
+    ], seed)
 
 
 def set_mode(model, mode: str) -> None:

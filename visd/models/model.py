@@ -57,7 +57,7 @@ class ViSDModel(nn.Module):
         #: volume share one backbone batch (more uses more memory).
         self.autocast_dtype: torch.dtype | None = None
         self.channels_last = False
-        self.window_batch_size = 1
+        self.window_batch_size = 4
 
     # -- bookkeeping ------------------------------------------------------------------------
     @property
