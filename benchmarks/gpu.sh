@@ -4,10 +4,10 @@
 # their references. Each line appends a row to benchmarks/README.md.
 set -euo pipefail
 python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
-for mode in official fast fast-batch fast-bf16 fast-cl; do
+for mode in official fast fast-nobatch fast-bf16 fast-cl; do
   python benchmarks/bench_window.py --mode "$mode" --repeat 3
 done
-for mode in official fast fast-batch fast-bf16; do
+for mode in official fast fast-nobatch fast-bf16; do
   python benchmarks/bench_volume.py --mode "$mode" --compare
 done
 python benchmarks/bench_kernels.py
