@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 
-import nibabel as nib
 import numpy as np
 import pytest
 

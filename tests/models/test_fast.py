@@ -6,36 +6,35 @@ import torch
 
 from conftest import make_tiny_model, phantom_volume
 from visd.models import fast
-from visd.models.fast import _bn_, _maxpool3_s2_p1, backbone_features, pool_organ, project
+from visd.models.fast import _conv_bn, backbone_features, pool_organ, project
 from visd.models.pooling import OrganPooling
 
 
-def test_separable_maxpool_is_exact(generator):
-    pool = torch.nn.MaxPool3d(3, stride=2, padding=1)
-    for shape in [(1, 2, 5, 8, 7), (2, 3, 6, 9, 10), (1, 1, 1, 2, 3)]:
-        x = torch.randn(shape, generator=generator)
-        assert torch.equal(_maxpool3_s2_p1(x), pool(x))
-        cl = x.contiguous(memory_format=torch.channels_last_3d)
-        assert torch.equal(_maxpool3_s2_p1(cl), pool(x))
-
-
-def test_inplace_batchnorm(generator):
+def test_folded_conv_batchnorm(generator):
+    conv = torch.nn.Conv3d(3, 4, 3, padding=1, bias=False)
     bn = torch.nn.BatchNorm3d(4).eval()
     with torch.no_grad():
         bn.running_mean.normal_(generator=generator)
         bn.running_var.uniform_(0.5, 2.0, generator=generator)
         bn.weight.normal_(generator=generator)
         bn.bias.normal_(generator=generator)
-        x = torch.randn(2, 4, 3, 5, 6, generator=generator)
-        torch.testing.assert_close(_bn_(x.clone(), bn), bn(x), rtol=1e-6, atol=1e-6)
+        x = torch.randn(2, 3, 5, 6, 7, generator=generator)
+        expected = bn(conv(x))
+        torch.testing.assert_close(_conv_bn(conv, bn, x), expected, rtol=1e-5, atol=1e-5)
+        cl = _conv_bn(conv, bn, x, fmt=torch.channels_last_3d)
+        assert cl.is_contiguous(memory_format=torch.channels_last_3d)
+        torch.testing.assert_close(cl, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_backbone_features_match_module_forward():
     model = make_tiny_model()
     x = torch.rand(1, 1, 32, 64, 64)
     with torch.no_grad():
-        for a, b in zip(backbone_features(model.vision.backbone, x), model.vision.backbone(x)):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        expected = model.vision.backbone(x)
+        for channels_last in (False, True):
+            got = backbone_features(model.vision.backbone, x, channels_last=channels_last)
+            for a, b in zip(got, expected):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_pool_organ_matches_attend(generator):

@@ -151,7 +151,6 @@ def evaluate(
 
     rows: dict[str, dict] = {}
     point: list[dict[str, float]] = []
-    strat: list[dict[str, np.ndarray]] = []
     for j, (finding, organ) in enumerate(zip(data.findings, data.organs)):
         s, y, valid = _prepared(data, missing, j)
         m = {k: float(v[0]) for k, v in weighted_metrics(s, y, valid[None, :].astype(float)).items()}

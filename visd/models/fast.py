@@ -5,7 +5,7 @@ path, measured in ``tests/models/test_fast.py`` and ``benchmarks/``):
 
 - BatchNorm folded into the preceding convolution (eval statistics), and the stem run in slabs along D,
   so the full-resolution stem output is never held whole;
-- max pooling done separably (max over a 3x3x3 box = max over 3 along each axis in turn);
+- ReLU applied after max pooling (they commute), on the 8x smaller tensor;
 - the 1x1x1 token projections applied only at the organ's tokens;
 - the two stacked fusion maps folded into one, ``A = W2 W1``, ``c = W2 b1 + b2``;
 - single-query attention in O(n d): the key projection moves onto the query
@@ -25,12 +25,6 @@ from visd.models.vision import ResNet3d, VisionEncoder
 __all__ = ["backbone_features", "organ_level_tokens", "pool_organ"]
 
 
-def _bn_(x: torch.Tensor, bn: torch.nn.BatchNorm3d) -> torch.Tensor:
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    shift = bn.bias - bn.running_mean * scale
-    return x.mul_(scale.view(1, -1, 1, 1, 1)).add_(shift.view(1, -1, 1, 1, 1))
-
-
 def _fold(conv: torch.nn.Conv3d, bn: torch.nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias of ``bn(conv(x))`` as one convolution (eval statistics)."""
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
@@ -40,49 +34,31 @@ def _fold(conv: torch.nn.Conv3d, bn: torch.nn.BatchNorm3d) -> tuple[torch.Tensor
     return conv.weight * scale.view(-1, 1, 1, 1, 1), bias
 
 
-def _conv_bn(conv: torch.nn.Conv3d, bn: torch.nn.BatchNorm3d, x: torch.Tensor, padding=None) -> torch.Tensor:
+def _conv_bn(
+    conv: torch.nn.Conv3d, bn: torch.nn.BatchNorm3d, x: torch.Tensor, padding=None, fmt=torch.contiguous_format
+) -> torch.Tensor:
+    """``bn(conv(x))`` as one convolution whose output has memory format ``fmt``."""
     w, b = _fold(conv, bn)
-    if x.is_contiguous(memory_format=torch.channels_last_3d):
-        w = w.contiguous(memory_format=torch.channels_last_3d)
+    x, w = x.contiguous(memory_format=fmt), w.contiguous(memory_format=fmt)
     return F.conv3d(x, w.to(x.dtype), b.to(x.dtype), conv.stride, conv.padding if padding is None else padding, conv.dilation)
-
-
-def _pool_axis(x: torch.Tensor, dim: int, front: bool, back: bool) -> torch.Tensor:
-    """Max over windows of 3 with stride 2 along ``dim``; ``front``/``back`` add a -inf row first."""
-    x = x.movedim(dim, -1)
-    if front or back:
-        x = F.pad(x, (int(front), int(back)), value=float("-inf"))
-    out = (x.shape[-1] - 1) // 2
-    y = torch.maximum(x[..., 0 : 2 * out : 2], x[..., 1 : 2 * out + 1 : 2])
-    y = torch.maximum(y, x[..., 2 : 2 * out + 2 : 2], out=y)
-    return y.movedim(-1, dim)
-
-
-def _maxpool3_s2_p1(x: torch.Tensor) -> torch.Tensor:
-    """``MaxPool3d(3, stride=2, padding=1)`` as three 1D passes (max is exact in any order)."""
-    fmt = torch.channels_last_3d if x.is_contiguous(memory_format=torch.channels_last_3d) else torch.contiguous_format
-    for dim in (2, 3, 4):
-        x = _pool_axis(x, dim, True, True)
-    return x.contiguous(memory_format=fmt)
 
 
 # conv1 output values per slab of the stem (about 256 MiB of float32)
 _STEM_SLAB_VALUES = 1 << 26
 
 
-def _stem(backbone: ResNet3d, x: torch.Tensor) -> torch.Tensor:
+def _stem(backbone: ResNet3d, x: torch.Tensor, fmt=torch.contiguous_format) -> torch.Tensor:
     """conv1 -> BatchNorm -> max pool -> ReLU (ReLU commutes with max), in slabs along D so the
     full-resolution conv1 output (the largest activation of the network) is never held whole.
 
-    The slabs run channels-last, where CPU max pooling is several times faster; the result has the
-    memory format of ``x``.
+    The slabs run channels-last, where CPU max pooling is several times faster; the result has
+    memory format ``fmt``.
     """
     conv = backbone.conv1
     kd, pd = conv.kernel_size[0], conv.padding[0]
-    fmt = torch.channels_last_3d if x.is_contiguous(memory_format=torch.channels_last_3d) else torch.contiguous_format
-    if conv.stride[0] != 1 or kd != 2 * pd + 1:
-        return F.max_pool3d(_conv_bn(conv, backbone.bn1, x), 3, 2, 1).relu_().contiguous(memory_format=fmt)
     cl = torch.channels_last_3d
+    if conv.stride[0] != 1 or kd != 2 * pd + 1:
+        return F.max_pool3d(_conv_bn(conv, backbone.bn1, x, fmt=cl), 3, 2, 1).relu_().contiguous(memory_format=fmt)
     n = x.shape[2]
     out_d = (n - 1) // 2 + 1
     per_row = conv.out_channels * x.shape[0] * ((x.shape[3] - 1) // conv.stride[1] + 1) * ((x.shape[4] - 1) // conv.stride[2] + 1)
@@ -93,8 +69,8 @@ def _stem(backbone: ResNet3d, x: torch.Tensor) -> torch.Tensor:
         r0, r1 = max(2 * a - 1, 0), min(2 * b, n)  # conv1 rows the pooled rows a..b-1 need
         i0, i1 = r0 - pd, r1 + pd  # input rows those conv rows need
         slab = x[:, :, max(i0, 0) : min(i1, n)]
-        slab = F.pad(slab, (0, 0, 0, 0, max(0, -i0), max(0, i1 - n))).contiguous(memory_format=cl)
-        y = _conv_bn(conv, backbone.bn1, slab, padding=(0, *conv.padding[1:])).contiguous(memory_format=cl)
+        slab = F.pad(slab, (0, 0, 0, 0, max(0, -i0), max(0, i1 - n)))
+        y = _conv_bn(conv, backbone.bn1, slab, padding=(0, *conv.padding[1:]), fmt=cl).contiguous(memory_format=cl)
         if a == 0 or 2 * b > n:  # a missing neighbour row at the volume's edge is -inf (max-pool padding)
             edge = torch.full_like(y[:, :, :1], float("-inf"))
             y = torch.cat([edge] * (a == 0) + [y] + [edge] * (2 * b > n), 2).contiguous(memory_format=cl)
@@ -103,21 +79,27 @@ def _stem(backbone: ResNet3d, x: torch.Tensor) -> torch.Tensor:
     return torch.cat(slabs, 2).contiguous(memory_format=fmt)
 
 
-def _block(block, x: torch.Tensor) -> torch.Tensor:
-    residual = x if block.shortcut is None else block.shortcut(x)
-    out = _conv_bn(block.conv1, block.bn1, x).relu_()
-    out = _conv_bn(block.conv2, block.bn2, out)
+def _block(block, x: torch.Tensor, fmt) -> torch.Tensor:
+    residual = x if block.shortcut is None else block.shortcut(x).contiguous(memory_format=fmt)
+    out = _conv_bn(block.conv1, block.bn1, x, fmt=fmt).relu_()
+    out = _conv_bn(block.conv2, block.bn2, out, fmt=fmt)
     return out.add_(residual).relu_()
 
 
 @torch.no_grad()
-def backbone_features(backbone: ResNet3d, image: torch.Tensor) -> list[torch.Tensor]:
-    """The four stage outputs of ``backbone`` in eval mode, without gradients."""
-    x = _stem(backbone, image)
+def backbone_features(backbone: ResNet3d, image: torch.Tensor, *, channels_last: bool = False) -> list[torch.Tensor]:
+    """The four stage outputs of ``backbone`` in eval mode, without gradients.
+
+    Args:
+        image: ``(B, C, D, H, W)``.
+        channels_last: run the residual stages in the channels-last 3D memory format.
+    """
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    x = _stem(backbone, image, fmt)
     feats = []
     for name in ("layer1", "layer2", "layer3", "layer4"):
         for block in getattr(backbone, name):
-            x = _block(block, x)
+            x = _block(block, x, fmt)
         feats.append(x)
     return feats
 

@@ -7,14 +7,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from visd.config import FindingSpec, ViSDConfig
 from visd.errors import InputError, did_you_mean
+from visd.zero_shot.findings import FindingLike, as_findings
 from visd.models.fast import backbone_features, organ_features, pool_organ, project
+from visd.models.inputs import as_volume, check_window_shape
 from visd.models.normality import NormalityModel
 from visd.models.outputs import FindingScore, OrganDetail, OrganEmbeddings, ViSDOutput, ZeroShotResult
 from visd.models.pooling import OrganPooling
@@ -26,7 +27,6 @@ __all__ = ["ViSDModel"]
 
 logger = logging.getLogger(__name__)
 
-FindingLike = FindingSpec | Mapping[str, Any] | Sequence[Any]
 
 
 class ViSDModel(nn.Module):
@@ -110,36 +110,7 @@ class ViSDModel(nn.Module):
 
     # -- image --------------------------------------------------------------------------------
     def _volume(self, x: Any, name: str, *, is_mask: bool) -> torch.Tensor:
-        t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
-        if t.dim() == 4 and t.shape[0] == 1:
-            t = t[0]
-        if t.dim() != 3:
-            raise InputError(
-                f"{name} must have shape (D, H, W) or (1, D, H, W), got {tuple(t.shape)}. "
-                "Pass one preprocessed volume (visd.data.load_case does the preprocessing)."
-            )
-        if is_mask:
-            if t.is_floating_point():
-                if not bool(torch.equal(t, t.round())):
-                    raise InputError(f"{name} must hold integer organ labels, found non-integer values")
-            bad = t[(t < 0) | (t > len(self.organs))].unique()
-            if bad.numel():
-                raise InputError(
-                    f"{name} has labels {bad.tolist()[:10]} outside 0..{len(self.organs)}; organ labels are "
-                    f"1..{len(self.organs)} for {list(self.organs)}. Map the label map with visd.data first."
-                )
-            return t.to(device=self.device, dtype=torch.uint8)  # labels are small: keep large masks light
-        t = t.to(torch.float32)
-        if not bool(torch.isfinite(t).all()):
-            raise InputError(f"{name} has NaN or infinite values; preprocessed images hold values in [0, 1]")
-        return t.to(self.device)
-
-    def _check_window_shape(self, shape: Sequence[int]) -> None:
-        if any(n % m for n, m in zip(shape, TOKEN_MULTIPLE)):
-            raise InputError(
-                f"window shape {tuple(shape)} is not a multiple of {TOKEN_MULTIPLE} (D, H, W); pad it with "
-                "visd.models.windows.pad_to_token_multiple"
-            )
+        return as_volume(x, name, num_organs=len(self.organs) if is_mask else None, device=self.device)
 
     def _organ_embedding(
         self, shared: list[tuple[torch.Tensor, Any]], roi: torch.Tensor, o: int, *, fast: bool
@@ -196,7 +167,7 @@ class ViSDModel(nn.Module):
         img, mask = self._volume(image, "image", is_mask=False), self._volume(organ_mask, "organ_mask", is_mask=True)
         if img.shape != mask.shape:
             raise InputError(f"image and organ_mask differ in shape: image {tuple(img.shape)}, mask {tuple(mask.shape)}")
-        self._check_window_shape(img.shape)
+        check_window_shape(img.shape)
         names = tuple(organs) if organs is not None else self.organs
         target_index = self.organ_index(target) if target is not None else None
         levels, flags = self._window_levels(img[None, None], mask[None])
@@ -208,11 +179,8 @@ class ViSDModel(nn.Module):
         flags = organ_token_flags(masks, len(self.organs))
         if self.official_numerics:
             return self.vision(x), flags
-        if self.channels_last:
-            self.vision.backbone.to(memory_format=torch.channels_last_3d)
-            x = x.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(x.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None):
-            feats = backbone_features(self.vision.backbone, x)
+            feats = backbone_features(self.vision.backbone, x, channels_last=self.channels_last)
         return [f.to(self.temperature.dtype) for f in feats], flags
 
     def _window_organs(
@@ -310,20 +278,7 @@ class ViSDModel(nn.Module):
 
     # -- zero-shot ------------------------------------------------------------------------------
     def _findings(self, findings: Sequence[FindingLike] | None) -> list[FindingSpec]:
-        if findings is None:
-            return list(self.config.findings)
-        out = []
-        for f in findings:
-            if isinstance(f, FindingSpec):
-                spec = f
-            elif isinstance(f, Mapping):
-                spec = FindingSpec.model_validate(dict(f))
-            else:
-                organ, name, neg, pos = f
-                spec = FindingSpec(organ=organ, name=name, negative=neg, positive=pos)
-            self.organ_index(spec.organ)
-            out.append(spec)
-        return out
+        return list(self.config.findings) if findings is None else as_findings(findings, self.organs)
 
     def prompt_embeddings(self, findings: Sequence[FindingSpec]) -> torch.Tensor:
         """``(F, 2, E)`` normalised [negative, positive] text embeddings; several phrasings are averaged.
@@ -395,7 +350,7 @@ class ViSDModel(nn.Module):
         if image.dim() != 5:
             raise InputError(f"image must be (B, 1, D, H, W), got {tuple(image.shape)}")
         mask = organ_mask[:, 0] if organ_mask.dim() == 5 else organ_mask
-        self._check_window_shape(image.shape[-3:])
+        check_window_shape(image.shape[-3:])
         levels = self.vision(image)
         flags = organ_token_flags(mask, len(self.organs))
         b_size, n_org = image.shape[0], len(self.organs)

@@ -1,0 +1,56 @@
+"""Validation of the model's array inputs at the public boundary (see ``docs/ct_conventions.md``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from visd.errors import InputError
+from visd.models.vision import TOKEN_MULTIPLE
+
+__all__ = ["as_volume", "check_window_shape"]
+
+
+def as_volume(x: Any, name: str, *, num_organs: int | None, device: torch.device) -> torch.Tensor:
+    """One preprocessed volume as a ``(D, H, W)`` tensor on ``device``.
+
+    Args:
+        x: array or tensor of shape ``(D, H, W)`` or ``(1, D, H, W)``.
+        name: how to call it in error messages.
+        num_organs: None for an image (float32, finite values); for an organ label map, the number
+            of organs O (integer labels 0..O, returned as uint8).
+    """
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+    if t.dim() == 4 and t.shape[0] == 1:
+        t = t[0]
+    if t.dim() != 3:
+        raise InputError(
+            f"{name} must have shape (D, H, W) or (1, D, H, W), got {tuple(t.shape)}. "
+            "Pass one preprocessed volume (visd.data.load_case does the preprocessing)."
+        )
+    if num_organs is None:
+        t = t.to(torch.float32)
+        if not bool(torch.isfinite(t).all()):
+            raise InputError(f"{name} has NaN or infinite values; preprocessed images hold values in [0, 1]")
+        return t.to(device)
+    if t.is_floating_point() and not bool(torch.equal(t, t.round())):
+        raise InputError(f"{name} must hold integer organ labels, found non-integer values")
+    bad = t[(t < 0) | (t > num_organs)].unique()
+    if bad.numel():
+        raise InputError(
+            f"{name} has labels {bad.tolist()[:10]} outside 0..{num_organs}; organ labels are 1..{num_organs}, "
+            "one per organ of the model. Map the label map with visd.data first."
+        )
+    return t.to(device=device, dtype=torch.uint8)  # labels are small: keep large masks light
+
+
+def check_window_shape(shape: Sequence[int]) -> None:
+    """A window's (D, H, W) must be multiples of the level-4 token stride."""
+    if any(n % m for n, m in zip(shape, TOKEN_MULTIPLE)):
+        raise InputError(
+            f"window shape {tuple(shape)} is not a multiple of {TOKEN_MULTIPLE} (D, H, W); pad it with "
+            "visd.models.windows.pad_to_token_multiple"
+        )
