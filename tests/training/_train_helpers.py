@@ -10,8 +10,8 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
-
 from conftest import DATA, OFFICIAL, tiny_config
 
 REPO = DATA.parent.parent
@@ -124,3 +124,12 @@ def batch_from_cases(cases, texts, abnormal, tokenizer, max_length=32, views=1):
         samples.append({"index": i, "image": img, "mask": msk, "texts": texts[i],
                         "abnormal": torch.tensor(abnormal[i], dtype=torch.bool)})
     return Collate(tokenizer, max_length)(samples)
+
+
+@pytest.fixture(autouse=False)
+def one_thread():
+    """Run a test on one CPU thread: with busy neighbours, torch's spinning threads slow tiny models ~5x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import DATA, tiny_config
 
-from conftest import DATA, OFFICIAL, tiny_config
 from visd.errors import InputError
 from visd.training.augment import augment, pad_to_roi, random_crop, random_flip, view_rng
 from visd.training.data import Collate, CTReportDataset, PreprocessCache, epoch_batches
@@ -131,7 +131,6 @@ def real_record():
 
 def test_cache_equals_load_case_and_is_reused(tmp_path, real_record, monkeypatch):
     import visd.data
-
     from visd.data import load_case
 
     config = tiny_config()
@@ -152,7 +151,8 @@ def test_cache_equals_load_case_and_is_reused(tmp_path, real_record, monkeypatch
     files = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
     assert [p.name for p in files] == [cache.path(real_record).name]  # no temporary left behind
     # the key changes with the preprocessing spec and with the file's modification time
-    other = PreprocessCache(tmp_path / "cache", config.replace(preprocess=config.preprocess.model_dump() | {"hu_window": (-1000.0, 400.0)}))
+    window = config.replace(preprocess=config.preprocess.model_dump() | {"hu_window": (-1000.0, 400.0)})
+    other = PreprocessCache(tmp_path / "cache", window)
     assert other.key(real_record) != cache.key(real_record)
     copy = tmp_path / "ct.nii.gz"
     copy.write_bytes(Path(real_record.image).read_bytes())
@@ -209,4 +209,3 @@ def test_epoch_batches_shard_the_single_process_order():
     # a step of two processes sees the same scans as one process with the whole batch
     assert sorted(r0[0] + r1[0]) == sorted(single[0])
     assert epoch_batches(data, 4, epoch=4, seed=1) != single  # reshuffled each epoch
-    assert OFFICIAL.is_dir()

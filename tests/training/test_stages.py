@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from ._train_helpers import ABNORMAL, ORGANS, batch_from_cases, phantom_case
 from conftest import make_tiny_model, tiny_config
+
 from visd.training.config import StageConfig
 from visd.training.reports import normal_sentence
 from visd.training.stages import (
@@ -25,7 +24,10 @@ from visd.training.stages import (
     update_momentum,
 )
 
+from ._train_helpers import ABNORMAL, ORGANS, batch_from_cases, one_thread, phantom_case  # noqa: F401
+
 ROI = (32, 64, 64)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(seed: int = 0):
@@ -59,7 +61,7 @@ def _train(objectives, steps, lr, seed=0):
         optimizer.step()
         if momentum is not None:
             update_momentum(model, momentum, stage.momentum)
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
     return losses, out
 
 
@@ -117,7 +119,7 @@ def test_normality_stage_uses_normal_organs_only_and_freezes_the_encoder():
         torch.optim.AdamW(params, lr=1e-3).step()
         for k, v in model.vision.state_dict().items():  # frozen and in eval mode: weights and BN stats unchanged
             assert torch.equal(v, vision_before[k]), k
-        results.append((float(out.loss), model.normality.quantizer.embeddings.clone(), out.metrics))
+        results.append((float(out.loss.detach()), model.normality.quantizer.embeddings.clone(), out.metrics))
     (loss_a, codebook_a, metrics), (loss_b, codebook_b, _) = results
     assert loss_a == loss_b and torch.equal(codebook_a, codebook_b)
     assert float(metrics["normal_organs"]) == 7  # 2 scans x 4 organs, minus the abnormal lung
@@ -141,7 +143,7 @@ def test_normality_loss_matches_the_model_for_one_organ():
         flags = organ_token_flags(batch.mask, 4)
         ref = reference.normality(levels[3][0][flags[3][0, 2]], 2)
     expected = F.mse_loss(ref.decoded, ref.scaled_input) / 0.5 + ref.commitment_loss
-    assert float(out.loss) == pytest.approx(float(expected), rel=1e-5)
+    assert float(out.loss.detach()) == pytest.approx(float(expected), rel=1e-5)
     assert torch.equal(model.normality.quantizer.embeddings, reference.normality.quantizer.embeddings)  # same EMA step
 
 
@@ -172,7 +174,7 @@ def test_gradient_checkpointing_is_exact():
         model.zero_grad()
         loss = StageObjective(model, stage)(batch).loss
         loss.backward()
-        return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     plain = loss_and_grads()
     enable_gradient_checkpointing(model)
@@ -183,3 +185,21 @@ def test_gradient_checkpointing_is_exact():
     assert plain[0] == pytest.approx(ckpt[0], rel=1e-6)
     for name, g in plain[1].items():
         assert torch.allclose(g, ckpt[1][name], rtol=1e-4, atol=1e-7), name
+
+
+def test_bf16_autocast_matches_fp32():
+    model = _model()
+    stage = StageConfig(objectives=("alignment", "disease"))
+    configure_trainable(model, stage)
+    set_train_modes(model, stage, batchnorm="running")
+    batch = _batch(model, views=2)
+    momentum = make_momentum(model)
+    objective = StageObjective(model, stage)
+    fp32 = objective(batch, *momentum_keys(model, momentum, batch))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = objective(batch, *momentum_keys(model, momentum, batch))
+    assert bf16.loss.dtype == torch.float32  # the losses upcast half precision
+    for name in ("alignment", "disease"):
+        assert float(bf16.metrics[name]) == pytest.approx(float(fp32.metrics[name]), rel=0.02)
+    bf16.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -1,6 +1,9 @@
-"""Training: the pre-training losses and the distributed helpers they use."""
+"""Training: the ViSD-Boost recipe (:func:`train` driven by a :class:`TrainConfig`), its losses and
+distributed helpers. See ``docs/training.md``."""
 
+from visd.training.config import TrainConfig
 from visd.training.distributed import gather_rows
+from visd.training.engine import train
 from visd.training.losses import (
     CodebookUsage,
     NormalityLoss,
@@ -17,6 +20,7 @@ __all__ = [
     "CodebookUsage",
     "NormalityLoss",
     "OrganLossOutput",
+    "TrainConfig",
     "anatomy_alignment_loss",
     "codebook_usage",
     "disease_contrastive_loss",
@@ -24,4 +28,5 @@ __all__ = [
     "hash_texts",
     "momentum_update",
     "normality_loss",
+    "train",
 ]

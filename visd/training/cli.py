@@ -8,8 +8,8 @@ Works as a plain command (one process) and under ``torchrun``::
 from __future__ import annotations
 
 import argparse
-import os
 import logging
+import os
 
 __all__ = ["add_train_parser"]
 

@@ -80,7 +80,9 @@ def volume_path(root: str | Path, volume_name: str, layout: Literal["nested", "f
     if layout == "flat":
         return root / volume_name
     if layout != "nested":
-        raise InputError(f"unknown CT-RATE layout {layout!r}; expected 'nested' or 'flat'.{did_you_mean(layout, ('nested', 'flat'))}")
+        raise InputError(
+            f"unknown CT-RATE layout {layout!r}; expected 'nested' or 'flat'.{did_you_mean(layout, ('nested', 'flat'))}"
+        )
     parts = _stem(volume_name).split("_")
     if len(parts) < 4:
         raise InputError(f"volume name {volume_name!r} does not follow CT-RATE's naming (train_1_a_1.nii.gz); use layout='flat'")
@@ -201,5 +203,8 @@ def ctrate_records(
             len(without_text), os.fspath(desc_info), os.fspath(conc_info), without_text[:3],
         )
     if without_labels:
-        logger.warning("%d volumes are not in %s; their labels come from the text (e.g. %s)", len(without_labels), labels_csv, without_labels[:3])
+        logger.warning(
+            "%d volumes are not in %s; their labels come from the text (e.g. %s)",
+            len(without_labels), labels_csv, without_labels[:3],
+        )
     return records

@@ -314,7 +314,8 @@ class _Run:
                 with ExitStack() as stack:
                     if env.world > 1 and not last:
                         stack.enter_context(wrapped.no_sync())
-                    with torch.autocast(env.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                    amp = torch.autocast(env.device.type, dtype=autocast_dtype or torch.float32, enabled=bool(autocast_dtype))
+                    with amp:
                         keys = momentum_keys(model, momentum, batch) if momentum is not None else (None, None)
                         out = wrapped(batch, *keys)
                     scaler.scale(out.loss / accum).backward()
@@ -343,8 +344,10 @@ class _Run:
                 sums = {}
                 finished = stage_step >= total
                 end_of_epoch = i + 1 == len(batches)
-                if not finished and stage_step % config.checkpoint_every == 0:
-                    nxt = Position(si, epoch + 1, 0, step, stage_step) if end_of_epoch else Position(si, epoch, i + 1, step, stage_step)
+                if not finished and step % config.checkpoint_every == 0:
+                    nxt = Position(si, epoch + 1, 0, step, stage_step) if end_of_epoch else (
+                        Position(si, epoch, i + 1, step, stage_step)
+                    )
                     self.save(nxt, objects())
                 _fault.kill_if_armed("after_step", step)
                 if finished:

@@ -72,7 +72,8 @@ class MetricsLog:
                 raise MissingDependencyError(
                     "tensorboard: true needs the tensorboard package: pip install 'visd[train]' (or set tensorboard: false)"
                 ) from e
-            self._tb = SummaryWriter(str(Path(folder) / "tensorboard"), purge_step=(resume_step or 0) + 1 if resume_step else None)
+            purge = resume_step + 1 if resume_step else None  # drop events logged after the checkpoint
+            self._tb = SummaryWriter(str(Path(folder) / "tensorboard"), purge_step=purge)
 
     def write(self, row: dict[str, Any]) -> None:
         """Log one step (unknown keys are errors; missing columns stay empty)."""

@@ -66,7 +66,9 @@ def _label(value: Any, where: str) -> bool | None:
         return bool(value)
     if isinstance(value, str) and value.strip() in ("0", "1"):
         return value.strip() == "1"
-    raise InputError(f"{where}: label {value!r} is not 0 or 1. Use 1 for abnormal, 0 for normal, empty to derive it from the text.")
+    raise InputError(
+        f"{where}: label {value!r} is not 0 or 1. Use 1 for abnormal, 0 for normal, empty to derive it from the text."
+    )
 
 
 def make_record(
