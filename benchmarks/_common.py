@@ -39,7 +39,7 @@ def machine() -> str:
 def commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=README.parent)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "visd"], capture_output=True, text=True, cwd=README.parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "../visd"], capture_output=True, text=True, cwd=README.parent)
         return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except OSError:
         return "unknown"

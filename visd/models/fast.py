@@ -5,7 +5,8 @@ path, measured in ``tests/models/test_fast.py`` and ``benchmarks/``):
 
 - BatchNorm folded into the preceding convolution (eval statistics), and the stem run in slabs along D,
   so the full-resolution stem output is never held whole;
-- ReLU applied after max pooling (they commute), on the 8x smaller tensor;
+- max pooling done separably (max over a 3x3x3 box = max over 3 along each axis in turn), and ReLU
+  applied after it (they commute), on the 8x smaller tensor;
 - the 1x1x1 token projections applied only at the organ's tokens;
 - the two stacked fusion maps folded into one, ``A = W2 W1``, ``c = W2 b1 + b2``;
 - single-query attention in O(n d): the key projection moves onto the query
@@ -43,6 +44,17 @@ def _conv_bn(
     return F.conv3d(x, w.to(x.dtype), b.to(x.dtype), conv.stride, conv.padding if padding is None else padding, conv.dilation)
 
 
+def _pool_axis(x: torch.Tensor, dim: int, front: bool, back: bool) -> torch.Tensor:
+    """Max over windows of 3 with stride 2 along ``dim``; ``front``/``back`` add a -inf row first."""
+    x = x.movedim(dim, -1)
+    if front or back:
+        x = F.pad(x, (int(front), int(back)), value=float("-inf"))
+    out = (x.shape[-1] - 1) // 2
+    y = torch.maximum(x[..., 0 : 2 * out : 2], x[..., 1 : 2 * out + 1 : 2])
+    y = torch.maximum(y, x[..., 2 : 2 * out + 2 : 2], out=y)
+    return y.movedim(-1, dim)
+
+
 # conv1 output values per slab of the stem (about 256 MiB of float32)
 _STEM_SLAB_VALUES = 1 << 26
 
@@ -51,14 +63,13 @@ def _stem(backbone: ResNet3d, x: torch.Tensor, fmt=torch.contiguous_format) -> t
     """conv1 -> BatchNorm -> max pool -> ReLU (ReLU commutes with max), in slabs along D so the
     full-resolution conv1 output (the largest activation of the network) is never held whole.
 
-    The slabs run channels-last, where CPU max pooling is several times faster; the result has
-    memory format ``fmt``.
+    Max pooling runs separably (max over a 3x3x3 box = max over 3 along each axis in turn), which
+    is exact; the result has memory format ``fmt``.
     """
     conv = backbone.conv1
     kd, pd = conv.kernel_size[0], conv.padding[0]
-    cl = torch.channels_last_3d
     if conv.stride[0] != 1 or kd != 2 * pd + 1:
-        return F.max_pool3d(_conv_bn(conv, backbone.bn1, x, fmt=cl), 3, 2, 1).relu_().contiguous(memory_format=fmt)
+        return F.max_pool3d(_conv_bn(conv, backbone.bn1, x), 3, 2, 1).relu_().contiguous(memory_format=fmt)
     n = x.shape[2]
     out_d = (n - 1) // 2 + 1
     per_row = conv.out_channels * x.shape[0] * ((x.shape[3] - 1) // conv.stride[1] + 1) * ((x.shape[4] - 1) // conv.stride[2] + 1)
@@ -70,11 +81,9 @@ def _stem(backbone: ResNet3d, x: torch.Tensor, fmt=torch.contiguous_format) -> t
         i0, i1 = r0 - pd, r1 + pd  # input rows those conv rows need
         slab = x[:, :, max(i0, 0) : min(i1, n)]
         slab = F.pad(slab, (0, 0, 0, 0, max(0, -i0), max(0, i1 - n)))
-        y = _conv_bn(conv, backbone.bn1, slab, padding=(0, *conv.padding[1:]), fmt=cl).contiguous(memory_format=cl)
-        if a == 0 or 2 * b > n:  # a missing neighbour row at the volume's edge is -inf (max-pool padding)
-            edge = torch.full_like(y[:, :, :1], float("-inf"))
-            y = torch.cat([edge] * (a == 0) + [y] + [edge] * (2 * b > n), 2).contiguous(memory_format=cl)
-        slabs.append(F.max_pool3d(y, 3, 2, (0, 1, 1)).relu_())
+        y = _conv_bn(conv, backbone.bn1, slab, padding=(0, *conv.padding[1:]))
+        y = _pool_axis(y, 2, front=a == 0, back=2 * b > n)  # -inf rows only at the volume's edges
+        slabs.append(_pool_axis(_pool_axis(y, 3, True, True), 4, True, True).relu_().contiguous())
         del y
     return torch.cat(slabs, 2).contiguous(memory_format=fmt)
 
