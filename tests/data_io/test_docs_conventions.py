@@ -23,4 +23,6 @@ def test_doc_has_examples():
 @pytest.mark.parametrize("index", range(len(_blocks())))
 def test_doc_example_runs(index, monkeypatch):
     monkeypatch.chdir(ROOT)
-    exec(compile(_blocks()[index], f"{DOC.name}[block {index}]", "exec"), {"__name__": "__doc_example__"})
+    namespace = {"__name__": "__doc_example__"}
+    exec(compile(_blocks()[index], f"{DOC.name}[block {index}]", "exec"), namespace)
+    assert len(namespace) > 2, "the example defined nothing"

@@ -35,7 +35,7 @@ def _triton(*args, block_n=None):
     return segment_softmax_pool_triton(*args, block_n=block_n)
 
 
-def _compare(out, expected, inputs, dtype, check_grads=True):
+def assert_matches_reference(out, expected, inputs, dtype, check_grads=True):
     assert out.pooled_a.dtype == dtype and out.lse.dtype == torch.float32
     assert not out.lse.requires_grad
     assert_close(out.pooled_a, expected.pooled_a, dtype)
@@ -59,14 +59,14 @@ def test_forward_backward_match_reference(case, dtype, device):
     scale = 1.0 / math.sqrt(fa + fb)  # logits of order 1: neither uniform nor one-hot weights
     out = _triton(*inputs, scale, block_n=16)
     expected = segment_softmax_pool_reference(*inputs, scale)
-    _compare(out, expected, inputs, dtype)
+    assert_matches_reference(out, expected, inputs, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_public_function_default_blocks(dtype, device):
     inputs = pool_inputs([70, 2, 0, 31], 40, 24, 4, dtype, device, seed=9)
     out = segment_softmax_pool(*inputs, 0.2, backend="triton")
-    _compare(out, segment_softmax_pool_reference(*inputs, 0.2), inputs, dtype)
+    assert_matches_reference(out, segment_softmax_pool_reference(*inputs, 0.2), inputs, dtype)
 
 
 def test_column_slices_of_one_hybrid_tensor(device):
@@ -78,7 +78,7 @@ def test_column_slices_of_one_hybrid_tensor(device):
     args = (hybrid[:, :32], hybrid[:, 32:], offsets, u[..., :32], u[..., 32:])
     out = _triton(*args, 0.25, block_n=16)
     expected = segment_softmax_pool_reference(*args, 0.25)
-    _compare(out, expected, (hybrid, u), torch.float32)
+    assert_matches_reference(out, expected, (hybrid, u), torch.float32)
 
 
 def test_unused_output_gets_zero_upstream_gradient(device):

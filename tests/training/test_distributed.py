@@ -121,7 +121,7 @@ def ranks(tmp_path_factory) -> list[dict[str, object]]:
                 if p.is_alive():
                     os.kill(p.pid, 9)
             pytest.fail("the 2-process gloo run did not finish in 90 s")
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
 @pytest.fixture(scope="module")
