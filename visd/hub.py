@@ -19,7 +19,12 @@ import torch
 
 from visd._io import atomic_path
 from visd.config import ViSDConfig
-from visd.errors import CheckpointMismatchError, ConfigError, HubAuthError, WeightsNotFoundError
+from visd.errors import (
+    CheckpointMismatchError,
+    ConfigError,
+    HubAuthError,
+    WeightsNotFoundError,
+)
 
 if TYPE_CHECKING:
     from visd.models.model import ViSDModel
@@ -149,7 +154,11 @@ def resolve_source(
             "or a Hugging Face Hub repo id like 'org/name'."
         )
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     try:
         folder = snapshot_download(

@@ -8,7 +8,13 @@ Conventions (axes, orientation, spacing, HU window, organ ids) are in ``docs/ct_
 
 from visd.data.io import CTVolume, read_ct
 from visd.data.masks import read_organ_mask
-from visd.data.preprocess import PreprocessedCase, PreprocessGeometry, load_case, preprocess, to_input_grid
+from visd.data.preprocess import (
+    PreprocessedCase,
+    PreprocessGeometry,
+    load_case,
+    preprocess,
+    to_input_grid,
+)
 from visd.data.segment import segment
 
 __all__ = [

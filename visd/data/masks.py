@@ -26,7 +26,7 @@ import numpy as np
 
 from visd.config import ViSDConfig
 from visd.data.grid import align_to_grid
-from visd.data.io import CTVolume, NIFTI_SUFFIXES, _image_data, load_nifti_image
+from visd.data.io import NIFTI_SUFFIXES, CTVolume, _image_data, load_nifti_image
 from visd.data.totalseg_classes import TOTAL_V2_CLASSES
 from visd.errors import InputError, did_you_mean
 

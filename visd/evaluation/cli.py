@@ -109,6 +109,7 @@ def add_probe_parser(subparsers) -> argparse.ArgumentParser:
 def run_probe(args: argparse.Namespace) -> int:
     """Run ``visd probe``; print the per-finding AUCs; return 0."""
     from visd._io import atomic_write_text
+
     from .probe import linear_probe
 
     table = linear_probe(

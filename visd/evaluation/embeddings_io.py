@@ -18,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from visd.errors import InputError, did_you_mean
-
 from visd._io import atomic_write_bytes
+from visd.errors import InputError, did_you_mean
 
 __all__ = ["EMBEDDINGS_FORMAT", "Embeddings", "load_embeddings", "save_embeddings"]
 

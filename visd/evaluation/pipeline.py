@@ -22,7 +22,13 @@ from .bootstrap import (
     stratified_weights,
     two_sided_p,
 )
-from .metrics import METRICS, check_missing, prepare, single_class_reason, weighted_metrics
+from .metrics import (
+    METRICS,
+    check_missing,
+    prepare,
+    single_class_reason,
+    weighted_metrics,
+)
 from .tables import AlignedData, Labels, Predictions, TableSource, align
 
 __all__ = ["Comparison", "Evaluation", "compare", "evaluate"]

@@ -19,7 +19,13 @@ import pandas as pd
 from visd.errors import InputError, did_you_mean
 
 from .embeddings_io import Embeddings, load_embeddings
-from .tables import Labels, TableSource, default_organ_of, normalize_scan_id, read_labels
+from .tables import (
+    Labels,
+    TableSource,
+    default_organ_of,
+    normalize_scan_id,
+    read_labels,
+)
 
 __all__ = ["linear_probe"]
 

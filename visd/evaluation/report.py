@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from visd._io import atomic_write_bytes, atomic_write_text
+
 from .metrics import METRICS, operating_point, prepare
 from .pipeline import Comparison, Evaluation
 

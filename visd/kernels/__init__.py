@@ -24,7 +24,10 @@ from visd.kernels._dispatch import (
     validate_pool_args,
 )
 from visd.kernels._outputs import NearestCodeOutput, SegmentPoolOutput
-from visd.kernels.reference import nearest_code_reference, segment_softmax_pool_reference
+from visd.kernels.reference import (
+    nearest_code_reference,
+    segment_softmax_pool_reference,
+)
 
 __all__ = ["NearestCodeOutput", "SegmentPoolOutput", "nearest_code", "segment_softmax_pool"]
 

@@ -13,20 +13,25 @@ from torch import nn
 
 from visd.config import FindingSpec, ViSDConfig
 from visd.errors import InputError, did_you_mean
-from visd.zero_shot.findings import FindingLike, as_findings
 from visd.models.fast import backbone_features, organ_features, pool_organ, project
 from visd.models.inputs import as_volume, check_window_shape
 from visd.models.normality import NormalityModel
-from visd.models.outputs import FindingScore, OrganDetail, OrganEmbeddings, ViSDOutput, ZeroShotResult
+from visd.models.outputs import (
+    FindingScore,
+    OrganDetail,
+    OrganEmbeddings,
+    ViSDOutput,
+    ZeroShotResult,
+)
 from visd.models.pooling import OrganPooling
 from visd.models.text import TextTower
 from visd.models.vision import TOKEN_MULTIPLE, VisionEncoder, organ_token_flags
 from visd.models.windows import Status, _touches_border, exclusion_reason, organ_window
+from visd.zero_shot.findings import FindingLike, as_findings
 
 __all__ = ["ViSDModel"]
 
 logger = logging.getLogger(__name__)
-
 
 
 class ViSDModel(nn.Module):

@@ -34,7 +34,13 @@ from visd.models.model import ViSDModel
 from visd.training import _fault
 from visd.training import checkpoint as ckpt
 from visd.training.config import StageConfig, TrainConfig, lr_factor
-from visd.training.data import Collate, CTReportDataset, PreprocessCache, epoch_batches, make_loader
+from visd.training.data import (
+    Collate,
+    CTReportDataset,
+    PreprocessCache,
+    epoch_batches,
+    make_loader,
+)
 from visd.training.logs import MetricsLog, progress_bar
 from visd.training.manifest import read_manifest
 from visd.training.stages import (

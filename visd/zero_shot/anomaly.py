@@ -17,12 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from visd._io import atomic_path
 from visd.data import PreprocessedCase, to_input_grid
 from visd.errors import InputError
 from visd.models.outputs import OrganEmbeddings
 from visd.models.vision import LEVEL_STRIDES
-
-from visd._io import atomic_path
 
 __all__ = ["anomaly_map", "pick_slices", "render_overlay", "write_anomaly_map"]
 

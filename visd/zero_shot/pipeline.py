@@ -19,7 +19,14 @@ import nibabel as nib
 import numpy as np
 
 from visd.config import FindingSpec
-from visd.data import CTVolume, PreprocessedCase, preprocess, read_ct, read_organ_mask, segment
+from visd.data import (
+    CTVolume,
+    PreprocessedCase,
+    preprocess,
+    read_ct,
+    read_organ_mask,
+    segment,
+)
 from visd.data.io import NIFTI_SUFFIXES
 from visd.data.masks import MASK_FORMATS
 from visd.errors import InputError, did_you_mean
