@@ -158,11 +158,11 @@ def window_inputs(seed: int = 0):
 
 
 def set_mode(model, mode: str) -> None:
-    """Apply a named inference mode: official | fast | fast-bf16 | fast-cl | fast-bf16-cl | fast-nobatch."""
-    known = {"official", "fast", "fast-bf16", "fast-cl", "fast-bf16-cl", "fast-nobatch"}
+    """Apply a named inference mode: official | fast | fast-bf16 | fast-nocl | fast-nobatch (fast-cl = fast)."""
+    known = {"official", "fast", "fast-bf16", "fast-cl", "fast-nocl", "fast-nobatch"}
     if mode not in known:
         raise SystemExit(f"unknown mode {mode!r}; choose from {sorted(known)}")
     model.official_numerics = mode == "official"
     model.autocast_dtype = torch.bfloat16 if "bf16" in mode else None
-    model.channels_last = mode.endswith("-cl")
+    model.channels_last = mode not in ("official", "fast-nocl")
     model.window_batch_size = 1 if mode in ("official", "fast-nobatch") else 4

@@ -61,7 +61,7 @@ class ViSDModel(nn.Module):
         #: ``torch.bfloat16``), channels-last 3D memory format, and how many equal-shape windows of a
         #: volume share one backbone batch (more uses more memory).
         self.autocast_dtype: torch.dtype | None = None
-        self.channels_last = False
+        self.channels_last = True
         self.window_batch_size = 4
 
     # -- bookkeeping ------------------------------------------------------------------------
