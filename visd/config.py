@@ -30,7 +30,6 @@ __all__ = [
     "PreprocessConfig",
     "FindingSpec",
     "ViSDConfig",
-    "chest_ct_rate_config",
 ]
 
 SCHEMA_VERSION = 1
@@ -278,7 +277,3 @@ def _migrate(data: dict[str, Any]) -> dict[str, Any]:
     data["schema_version"] = SCHEMA_VERSION
     return data
 
-
-def chest_ct_rate_config(text: TextConfig | None = None) -> ViSDConfig:
-    """The configuration of the released CT-RATE chest model (full CXR-BERT text tower by default)."""
-    return ViSDConfig(text=text or TextConfig())

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 
 from visd.kernels import segment_softmax_pool
 from visd.models.pooling import OrganPooling
-from visd.models.vision import ResNet3d, VisionEncoder
+from visd.models.vision import ResNet3d
 
-__all__ = ["backbone_features", "organ_level_tokens", "pool_organ"]
+__all__ = ["backbone_features", "organ_features", "pool_organ", "project"]
 
 
 def _fold(conv: torch.nn.Conv3d, bn: torch.nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,13 +121,6 @@ def organ_features(feats: list[torch.Tensor], flags: list[torch.Tensor], b: int,
 def project(proj: torch.nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     """A 1x1x1 convolution applied to token rows ``(n, C_in)`` -> ``(n, C_out)``."""
     return torch.addmm(proj.bias, x, proj.weight.view(proj.out_channels, proj.in_channels).t())
-
-
-def organ_level_tokens(
-    encoder: VisionEncoder, feats: list[torch.Tensor], flags: list[torch.Tensor], b: int, o: int
-) -> list[torch.Tensor]:
-    """Projected tokens ``(n_k, E)`` of organ ``o`` in batch item ``b``, computed at those tokens only."""
-    return [project(p, x) for p, x in zip(encoder.projections(), organ_features(feats, flags, b, o))]
 
 
 SharedPart = tuple[torch.Tensor, "torch.nn.Conv3d | None"]

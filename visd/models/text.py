@@ -11,12 +11,9 @@ from torch import nn
 from visd.config import TextConfig
 from visd.errors import WeightsNotFoundError
 
-__all__ = ["TextTower", "load_tokenizer", "TOKENIZER_FILES"]
+__all__ = ["TextTower", "load_tokenizer"]
 
 logger = logging.getLogger(__name__)
-
-TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json")
-
 
 class _NoTokenTypes(nn.Module):
     """Stands in for BERT's token-type embedding: the ViSD text path adds none."""
