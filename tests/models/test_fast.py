@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import make_tiny_model, phantom_volume
@@ -61,14 +62,35 @@ def test_project_equals_the_1x1x1_convolution(generator):
         torch.testing.assert_close(project(conv, x.flatten(2)[0].t()), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_stem_in_slabs_matches_the_whole_stem(monkeypatch):
+@pytest.mark.parametrize("shift", [0, 1])
+@pytest.mark.parametrize("length", [5, 6])
+def test_max3_stride2_is_max_pooling_along_one_axis(generator, shift, length):
+    x = torch.randn(2, 3, length, 4, 5, generator=generator)
+    count = (length - shift - 1) // 2 + 1
+    padded = torch.nn.functional.pad(x, (0, 0, 0, 0, 1, 2), value=float("-inf"))  # row r at r + 1
+    expected = torch.stack(
+        [padded[:, :, 2 * i + shift : 2 * i + shift + 3].amax(2) for i in range(count)], 2
+    )
+    got = fast._max3_stride2(x, 2, shift, count)
+    assert torch.equal(got, expected)
+    cl = fast._max3_stride2(x.contiguous(memory_format=torch.channels_last_3d), 2, shift, count)
+    assert cl.is_contiguous(memory_format=torch.channels_last_3d) and torch.equal(cl, expected)
+
+
+@pytest.mark.parametrize("shape", [(37, 64, 48), (36, 33, 47), (2, 9, 10)])
+@pytest.mark.parametrize("rows_per_slab", [1, 3, 100])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last_3d])
+def test_stem_in_slabs_matches_the_whole_stem(monkeypatch, shape, rows_per_slab, fmt):
     model = make_tiny_model()
     bb = model.vision.backbone
-    x = torch.rand(1, 1, 37, 64, 48)
+    x = torch.rand(1, 1, *shape)
     with torch.no_grad():
-        expected = torch.nn.functional.max_pool3d(torch.relu(bb.bn1(bb.conv1(x))), 3, 2, 1)
-        monkeypatch.setattr(fast, "_STEM_SLAB_VALUES", 8 * 32 * 24 * 3)  # slabs of 3 pooled rows
-        got = fast._stem(bb, x)
+        conv = bb.conv1(x)
+        expected = torch.nn.functional.max_pool3d(torch.relu(bb.bn1(conv)), 3, 2, 1)
+        values_per_row = conv.shape[1] * conv.shape[3] * conv.shape[4]
+        monkeypatch.setattr(fast, "_STEM_SLAB_VALUES", 2 * values_per_row * rows_per_slab)
+        got = fast._stem(bb, x, fmt)
+    assert got.is_contiguous(memory_format=fmt)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -44,15 +44,33 @@ def _conv_bn(
     return F.conv3d(x, w.to(x.dtype), b.to(x.dtype), conv.stride, conv.padding if padding is None else padding, conv.dilation)
 
 
-def _pool_axis(x: torch.Tensor, dim: int, front: bool, back: bool) -> torch.Tensor:
-    """Max over windows of 3 with stride 2 along ``dim``; ``front``/``back`` add a -inf row first."""
-    x = x.movedim(dim, -1)
-    if front or back:
-        x = F.pad(x, (int(front), int(back)), value=float("-inf"))
-    out = (x.shape[-1] - 1) // 2
-    y = torch.maximum(x[..., 0 : 2 * out : 2], x[..., 1 : 2 * out + 1 : 2])
-    y = torch.maximum(y, x[..., 2 : 2 * out + 2 : 2], out=y)
-    return y.movedim(-1, dim)
+def _rows(x: torch.Tensor, dim: int, start: int, count: int) -> torch.Tensor:
+    """Every second row of ``x`` along ``dim``: rows ``start, start + 2, ...``, ``count`` of them."""
+    index = [slice(None)] * x.dim()
+    index[dim] = slice(start, start + 2 * count - 1, 2)
+    return x[tuple(index)]
+
+
+def _max3_stride2(x: torch.Tensor, dim: int, shift: int, count: int) -> torch.Tensor:
+    """Max pooling with window 3 and stride 2 along one axis, without padding copies.
+
+    Output ``i`` is the max of the rows ``2i + shift - 1``, ``2i + shift``, ``2i + shift + 1`` of ``x``
+    along ``dim`` that exist (missing rows count as -inf, as max pooling's padding does); ``shift`` is 0
+    or 1 and the centre rows must exist. The output keeps the memory format of ``x``.
+    """
+    m = x.shape[dim]
+    centre = _rows(x, dim, shift, count)
+    fmt = torch.channels_last_3d if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) else torch.contiguous_format
+    y = torch.empty(centre.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    right = min(count, (m - shift) // 2)  # outputs whose row 2i + shift + 1 exists
+    head = y.narrow(dim, 0, right)
+    torch.maximum(centre.narrow(dim, 0, right), _rows(x, dim, shift + 1, right), out=head)
+    if right < count:
+        y.narrow(dim, right, count - right).copy_(centre.narrow(dim, right, count - right))
+    first = 1 - shift  # the first output whose row 2i + shift - 1 exists
+    tail = y.narrow(dim, first, count - first)
+    torch.maximum(tail, _rows(x, dim, 2 * first + shift - 1, count - first), out=tail)
+    return y
 
 
 # conv1 output values per slab of the stem (about 256 MiB of float32)
@@ -63,18 +81,19 @@ def _stem(backbone: ResNet3d, x: torch.Tensor, fmt=torch.contiguous_format) -> t
     """conv1 -> BatchNorm -> max pool -> ReLU (ReLU commutes with max), in slabs along D so the
     full-resolution conv1 output (the largest activation of the network) is never held whole.
 
-    Max pooling runs separably (max over a 3x3x3 box = max over 3 along each axis in turn), which
-    is exact; the result has memory format ``fmt``.
+    Max pooling runs separably (max over a 3x3x3 box = max over 3 along each axis in turn, exact):
+    along D and H on conv1's own layout, where rows are contiguous, then along W after the switch
+    to ``fmt`` on the 4x smaller tensor. The result has memory format ``fmt``.
     """
     conv = backbone.conv1
     kd, pd = conv.kernel_size[0], conv.padding[0]
     if conv.stride[0] != 1 or kd != 2 * pd + 1:
         return F.max_pool3d(_conv_bn(conv, backbone.bn1, x), 3, 2, 1).relu_().contiguous(memory_format=fmt)
     n = x.shape[2]
-    out_d = (n - 1) // 2 + 1
-    per_row = conv.out_channels * x.shape[0] * ((x.shape[3] - 1) // conv.stride[1] + 1) * ((x.shape[4] - 1) // conv.stride[2] + 1)
-    step = max(1, _STEM_SLAB_VALUES // (2 * per_row))
-    slabs = []
+    h, w = ((size + 2 * p - k) // s + 1 for size, p, k, s in zip(x.shape[3:], conv.padding[1:], conv.kernel_size[1:], conv.stride[1:]))
+    out_d, out_h, out_w = (n - 1) // 2 + 1, (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    out = torch.empty((x.shape[0], conv.out_channels, out_d, out_h, out_w), dtype=x.dtype, device=x.device, memory_format=fmt)
+    step = max(1, _STEM_SLAB_VALUES // (2 * conv.out_channels * x.shape[0] * h * w))
     for a in range(0, out_d, step):
         b = min(out_d, a + step)
         r0, r1 = max(2 * a - 1, 0), min(2 * b, n)  # conv1 rows the pooled rows a..b-1 need
@@ -82,10 +101,11 @@ def _stem(backbone: ResNet3d, x: torch.Tensor, fmt=torch.contiguous_format) -> t
         slab = x[:, :, max(i0, 0) : min(i1, n)]
         slab = F.pad(slab, (0, 0, 0, 0, max(0, -i0), max(0, i1 - n)))
         y = _conv_bn(conv, backbone.bn1, slab, padding=(0, *conv.padding[1:]))
-        y = _pool_axis(y, 2, front=a == 0, back=2 * b > n)  # -inf rows only at the volume's edges
-        slabs.append(_pool_axis(_pool_axis(y, 3, True, True), 4, True, True).relu_().contiguous())
+        y = _max3_stride2(y, 2, 0 if a == 0 else 1, b - a)  # slab row 0 is conv row 2a - 1 after the first
+        y = _max3_stride2(y, 3, 0, out_h).contiguous(memory_format=fmt)
+        out[:, :, a:b] = _max3_stride2(y, 4, 0, out_w).relu_()
         del y
-    return torch.cat(slabs, 2).contiguous(memory_format=fmt)
+    return out
 
 
 def _block(block, x: torch.Tensor, fmt) -> torch.Tensor:
