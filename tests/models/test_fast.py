@@ -77,17 +77,27 @@ def test_max3_stride2_is_max_pooling_along_one_axis(generator, shift, length):
     assert cl.is_contiguous(memory_format=torch.channels_last_3d) and torch.equal(cl, expected)
 
 
+def test_stem_conv_as_2d_convolution_over_depth_taps(generator):
+    conv = torch.nn.Conv3d(2, 5, (3, 5, 5), stride=(1, 2, 2), padding=(0, 2, 2))
+    slab = torch.randn(2, 2, 7, 11, 12, generator=generator)
+    with torch.no_grad():
+        expected = conv(slab)
+        got = fast._stem_conv(conv, conv.weight, conv.bias, slab)
+    assert got.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("shape", [(37, 64, 48), (36, 33, 47), (2, 9, 10)])
 @pytest.mark.parametrize("rows_per_slab", [1, 3, 100])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last_3d])
 def test_stem_in_slabs_matches_the_whole_stem(monkeypatch, shape, rows_per_slab, fmt):
     model = make_tiny_model()
     bb = model.vision.backbone
-    x = torch.rand(1, 1, *shape)
+    x = torch.rand(2, 1, *shape)
     with torch.no_grad():
         conv = bb.conv1(x)
         expected = torch.nn.functional.max_pool3d(torch.relu(bb.bn1(conv)), 3, 2, 1)
-        values_per_row = conv.shape[1] * conv.shape[3] * conv.shape[4]
+        values_per_row = conv.shape[0] * conv.shape[1] * conv.shape[3] * conv.shape[4]
         monkeypatch.setattr(fast, "_STEM_SLAB_VALUES", 2 * values_per_row * rows_per_slab)
         got = fast._stem(bb, x, fmt)
     assert got.is_contiguous(memory_format=fmt)
