@@ -71,12 +71,13 @@ def organ_window(
         roi: the model's ROI ``(d, h, w)``.
     """
     organ = mask == organ_index + 1
-    if not bool(organ.any()):
+    by_slice = organ.flatten(1).any(1)  # (D,) which slices hold the organ
+    if not bool(by_slice.any()):
         return None
+    in_plane = organ.any(0)  # (H, W), so the H and W extents need no further pass over the volume
     start, size = [], []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        idx = torch.nonzero(organ.any(dim=other)).flatten()
+    for axis, profile in enumerate((by_slice, in_plane.any(1), in_plane.any(0))):
+        idx = torch.nonzero(profile).flatten()
         s, n = _axis_window(int(idx[0]), int(idx[-1]), mask.shape[axis], roi[axis])
         start.append(s)
         size.append(n)
