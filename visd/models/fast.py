@@ -158,7 +158,11 @@ def backbone_features(backbone: ResNet3d, image: torch.Tensor, *, channels_last:
 
 def organ_features(feats: list[torch.Tensor], flags: list[torch.Tensor], b: int, o: int) -> list[torch.Tensor]:
     """Backbone features ``(n_k, C_k)`` at the tokens of organ ``o`` in batch item ``b``, per level."""
-    return [f[b].flatten(1)[:, torch.nonzero(fl[b, o]).flatten()].t() for f, fl in zip(feats, flags)]
+    rows = []
+    for f, fl in zip(feats, flags):
+        by_token = f[b].permute(1, 2, 3, 0).reshape(-1, f.shape[1])  # a view for channels-last maps
+        rows.append(by_token.index_select(0, torch.nonzero(fl[b, o]).flatten()))
+    return rows
 
 
 def project(proj: torch.nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
