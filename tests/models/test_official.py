@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import OFFICIAL, load_gen_weights
+from conftest import DATA, OFFICIAL, load_gen_weights
 from visd import CheckpointMismatchError, ViSDModel, WeightsNotFoundError
 from visd.models.official import convert_official_state_dict, official_keys, read_official_checkpoints
 from visd.models.vision import organ_token_flags
@@ -207,3 +207,24 @@ def test_non_state_dict_pickle_is_refused(tmp_path):
     torch.save({"model": {"a": 1}}, path)
     with pytest.raises(CheckpointMismatchError, match="state dict"):
         read_official_checkpoints([path])
+
+
+def test_fast_path_matches_official_numerics_on_a_real_ct(official_tiny_model):
+    """Per-volume procedure on the real CT preprocessed by the official scripts (lung and aorta):
+    the default fast path gives the official path's probabilities within 1e-5."""
+    case = np.load(DATA / "expected.npz")
+    mask = torch.from_numpy(case["mask"])
+    image = torch.zeros(mask.shape)
+    inner = tuple(slice(before, n - after) for (before, after), n in zip(case["pad"], mask.shape))
+    image[inner] = torch.from_numpy(case["image_inner"])
+    probs = {}
+    for official in (True, False):
+        official_tiny_model.official_numerics = official
+        try:
+            result = official_tiny_model.zero_shot_classify(image, mask)
+        finally:
+            official_tiny_model.official_numerics = False
+        probs[official] = torch.tensor([s.probability for s in result.scores])
+    scored = ~probs[True].isnan()
+    assert int(scored.sum()) >= 2  # lung and aorta findings
+    torch.testing.assert_close(probs[False], probs[True], rtol=0, atol=1e-5, equal_nan=True)
