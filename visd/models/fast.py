@@ -5,8 +5,11 @@ path, measured in ``tests/models/test_fast.py`` and ``benchmarks/``):
 
 - BatchNorm folded into the preceding convolution (eval statistics), and the stem run in slabs along D,
   so the full-resolution stem output is never held whole;
-- max pooling done separably (max over a 3x3x3 box = max over 3 along each axis in turn), and ReLU
-  applied after it (they commute), on the 8x smaller tensor;
+- conv1 (one input channel, stride 1 along D) run as a 2D convolution whose input channels are its
+  7 depth taps, which oneDNN runs faster and which yields channels-last output;
+- max pooling done separably (max over a 3x3x3 box = max over 3 along each axis in turn) on strided
+  views, without padding copies, and ReLU applied after it (they commute), on the 8x smaller tensor;
+- the organ's tokens gathered as rows of the channels-last feature maps (no flattening copy);
 - the 1x1x1 token projections applied only at the organ's tokens;
 - the two stacked fusion maps folded into one, ``A = W2 W1``, ``c = W2 b1 + b2``;
 - single-query attention in O(n d): the key projection moves onto the query
