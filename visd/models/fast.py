@@ -76,10 +76,6 @@ def _max3_stride2(x: torch.Tensor, dim: int, shift: int, count: int) -> torch.Te
     return y
 
 
-# conv1 output values per slab of the stem (about 256 MiB of float32)
-_STEM_SLAB_VALUES = 1 << 26
-
-
 def _stem_conv(conv: torch.nn.Conv3d, weight: torch.Tensor, bias: torch.Tensor, slab: torch.Tensor) -> torch.Tensor:
     """conv1 (stride 1 along D) on a D-padded slab, with no padding along D: ``(B, O, rows, h, w)``.
 
