@@ -63,8 +63,7 @@ def _max3_stride2(x: torch.Tensor, dim: int, shift: int, count: int) -> torch.Te
     """
     m = x.shape[dim]
     centre = _rows(x, dim, shift, count)
-    fmt = torch.channels_last_3d if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) else torch.contiguous_format
-    y = torch.empty(centre.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    y = torch.empty_like(centre)  # preserve_format: a strided channels-last view gives channels-last
     right = min(count, (m - shift) // 2)  # outputs whose row 2i + shift + 1 exists
     head = y.narrow(dim, 0, right)
     torch.maximum(centre.narrow(dim, 0, right), _rows(x, dim, shift + 1, right), out=head)

@@ -123,7 +123,7 @@ def organ_token_flags(organ_mask: torch.Tensor, num_organs: int) -> list[torch.T
     if any(n % m for n, m in zip((d, h, w), TOKEN_MULTIPLE)):
         raise ValueError(f"mask shape {(d, h, w)} is not a multiple of {TOKEN_MULTIPLE}")
     s0, s1, s2 = LEVEL_STRIDES[0]
-    present = torch.bincount(organ_mask.flatten(), minlength=num_organs + 1)[1 : num_organs + 1] > 0
+    present = (torch.bincount(organ_mask.flatten(), minlength=num_organs + 1)[1 : num_organs + 1] > 0).tolist()
     grid = (b, d // s0, h // s1, w // s2)
     cells = [
         (organ_mask == o + 1).view(b, d // s0, s0, h // s1, s1, w // s2, s2).any(6).any(4).any(2)
