@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny_model, phantom_volume
+from conftest import make_tiny_model, phantom_volume, tiny_config
 from visd.models import fast
 from visd.models.fast import _conv_bn, backbone_features, pool_organ, project
 from visd.models.pooling import OrganPooling
@@ -27,15 +27,46 @@ def test_folded_conv_batchnorm(generator):
         torch.testing.assert_close(cl, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_backbone_features_match_module_forward():
-    model = make_tiny_model()
-    x = torch.rand(1, 1, 32, 64, 64)
+@pytest.mark.parametrize("layers", [(1, 1, 1, 1), (2, 2, 2, 2)])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_backbone_features_match_module_forward(layers, batch):
+    model = make_tiny_model(vision=tiny_config().vision.model_copy(update={"layers": layers}))
+    x = torch.rand(batch, 1, 32, 64, 64)
     with torch.no_grad():
         expected = model.vision.backbone(x)
         for channels_last in (False, True):
             got = backbone_features(model.vision.backbone, x, channels_last=channels_last)
             for a, b in zip(got, expected):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_in_place_convolutions_equal_the_plain_ones(monkeypatch):
+    """Channels-last float32 on a CPU runs the convolutions into reused memory (oneDNN's sum
+    post-op); the result equals the plain convolutions', and no stage output is overwritten."""
+    model = make_tiny_model(vision=tiny_config().vision.model_copy(update={"layers": (2, 2, 2, 2)}))
+    x = torch.rand(2, 1, 32, 64, 64)
+    assert fast._accumulates(x)
+    calls = []
+    conv_add = fast._conv_add_
+    monkeypatch.setattr(fast, "_conv_add_", lambda *a, **k: calls.append(1) or conv_add(*a, **k))
+    with torch.no_grad():
+        got = backbone_features(model.vision.backbone, x, channels_last=True)
+        assert len(calls) == 8 * 2 + 1  # both convolutions of 8 blocks, conv1 of the stem's one slab
+        monkeypatch.setattr(fast, "_accumulates", lambda t: False)
+        plain = backbone_features(model.vision.backbone, x, channels_last=True)
+    assert len(calls) == 17
+    for a, b in zip(got, plain):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_zeroed_reuses_memory():
+    pool, like = {}, torch.empty(0)
+    a = fast._zeroed(pool, (2, 3), like, torch.contiguous_format)
+    a.fill_(5.0)
+    b = fast._zeroed(pool, (2, 3), like, torch.contiguous_format)
+    assert b.data_ptr() == a.data_ptr() and torch.equal(b, torch.zeros(2, 3))
+    assert fast._zeroed(pool, (3, 2), like, torch.contiguous_format).data_ptr() != a.data_ptr()
 
 
 def test_pool_organ_matches_attend(generator):
@@ -90,7 +121,8 @@ def test_stem_conv_as_2d_convolution_over_depth_taps(generator):
 @pytest.mark.parametrize("shape", [(37, 64, 48), (36, 33, 47), (2, 9, 10)])
 @pytest.mark.parametrize("rows_per_slab", [1, 3, 100])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last_3d])
-def test_stem_in_slabs_matches_the_whole_stem(monkeypatch, shape, rows_per_slab, fmt):
+@pytest.mark.parametrize("pool", [None, {}])
+def test_stem_in_slabs_matches_the_whole_stem(monkeypatch, shape, rows_per_slab, fmt, pool):
     model = make_tiny_model()
     bb = model.vision.backbone
     x = torch.rand(2, 1, *shape)
@@ -99,7 +131,7 @@ def test_stem_in_slabs_matches_the_whole_stem(monkeypatch, shape, rows_per_slab,
         expected = torch.nn.functional.max_pool3d(torch.relu(bb.bn1(conv)), 3, 2, 1)
         values_per_row = conv.shape[0] * conv.shape[1] * conv.shape[3] * conv.shape[4]
         monkeypatch.setattr(fast, "_STEM_SLAB_VALUES", 2 * values_per_row * rows_per_slab)
-        got = fast._stem(bb, x, fmt)
+        got = fast._stem(bb, x, fmt, pool)
     assert got.is_contiguous(memory_format=fmt)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 

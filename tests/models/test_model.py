@@ -11,6 +11,7 @@ import torch
 from conftest import make_tiny_model, phantom_volume
 from visd import InputError, ViSDModel
 from visd.config import FindingSpec
+from visd.models.inputs import as_volume
 
 
 def test_encode_text_normalised_and_batch_equivariant(tiny_model):
@@ -100,11 +101,26 @@ def test_bad_inputs_are_named(tiny_model, image_shape, mask_shape, mask_value, m
         tiny_model.zero_shot_classify(image, mask)
 
 
-def test_nan_image_is_refused(tiny_model):
+@pytest.mark.parametrize("bad", [[float("nan")], [float("inf")], [float("-inf")], [float("inf"), float("-inf")]])
+def test_non_finite_image_is_refused(tiny_model, bad):
     image, mask = phantom_volume()
-    image[3, 3, 3] = float("nan")
-    with pytest.raises(InputError, match="NaN"):
+    for i, value in enumerate(bad):
+        image[3, 3, 3 + i] = value
+    with pytest.raises(InputError, match="NaN or infinite"):
         tiny_model.encode_image(image, mask)
+
+
+def test_finite_image_whose_sum_overflows_is_accepted():
+    image = torch.full((4, 4, 4), 3e38)  # finite values, float32 sum is inf
+    assert not torch.isfinite(image.sum())
+    assert torch.equal(as_volume(image, "image", num_organs=None, device=torch.device("cpu")), image)
+
+
+def test_negative_label_is_refused():
+    mask = torch.zeros(4, 4, 4, dtype=torch.int64)
+    mask[1, 1, 1] = -2
+    with pytest.raises(InputError, match=r"labels \[-2\] outside 0..4"):
+        as_volume(mask, "organ_mask", num_organs=4, device=torch.device("cpu"))
 
 
 def test_forward_gives_every_trainable_parameter_a_gradient():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from visd.config import NormalityConfig
 from visd.models.normality import EMAQuantizer, NormalityModel, minmax_scale
@@ -90,3 +91,22 @@ def test_reconstruction_undoes_scaling(generator):
     dist = torch.cdist(out.decoded, out.decoded)
     # rows with equal codes differ only through attention context, which is shared: identical rows
     assert torch.all(dist[same] < 1e-5)
+
+
+def test_fused_attention_matches_the_official_order(generator, monkeypatch):
+    """``fused_attention`` (scaled_dot_product_attention) computes the same function as the official
+    matmul-softmax-matmul order: the same codes, continuous outputs equal to float rounding."""
+    cfg = NormalityConfig(hidden_dim=32, dim=48, depth=2, heads=4, head_dim=12, mlp_dim=64, codebook_size=16)
+    model = NormalityModel(16, cfg).eval()
+    tokens = torch.randn(300, 16, generator=generator)
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    with torch.no_grad():
+        plain = model(tokens, organ_index=1)
+        assert not calls
+        fused = model(tokens, organ_index=1, fused_attention=True)
+    assert len(calls) == 2 * cfg.depth  # every attention of the encoder and the decoder
+    assert torch.equal(fused.codes, plain.codes)
+    torch.testing.assert_close(fused.encoded, plain.encoded, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fused.reconstruction, plain.reconstruction, rtol=0, atol=1e-5)

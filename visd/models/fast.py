@@ -38,13 +38,53 @@ def _fold(conv: torch.nn.Conv3d, bn: torch.nn.BatchNorm3d) -> tuple[torch.Tensor
     return conv.weight * scale.view(-1, 1, 1, 1, 1), bias
 
 
-def _conv_bn(
-    conv: torch.nn.Conv3d, bn: torch.nn.BatchNorm3d, x: torch.Tensor, padding=None, fmt=torch.contiguous_format
-) -> torch.Tensor:
+def _conv_bn(conv: torch.nn.Conv3d, bn: torch.nn.BatchNorm3d, x: torch.Tensor, fmt=torch.contiguous_format) -> torch.Tensor:
     """``bn(conv(x))`` as one convolution whose output has memory format ``fmt``."""
     w, b = _fold(conv, bn)
     x, w = x.contiguous(memory_format=fmt), w.contiguous(memory_format=fmt)
-    return F.conv3d(x, w.to(x.dtype), b.to(x.dtype), conv.stride, conv.padding if padding is None else padding, conv.dilation)
+    return F.conv3d(x, w.to(x.dtype), b.to(x.dtype), conv.stride, conv.padding, conv.dilation)
+
+
+def _accumulates(x: torch.Tensor) -> bool:
+    """Whether :func:`_conv_add_` can run: float32 on a CPU with oneDNN, outside autocast."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_convolution_pointwise_")
+    )
+
+
+def _conv_add_(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, conv, *, relu: bool, dims: int = 3) -> torch.Tensor:
+    """``out = conv(x) + out`` (then ReLU when ``relu``), computed by oneDNN into ``out`` in place.
+
+    The same convolution as ``F.conv3d`` (oneDNN's sum post-op adds ``out`` to the result before it
+    is stored), without a fresh output tensor; ``dims=2`` runs the last two spatial axes of ``conv``'s
+    geometry as a 2D convolution. ``out`` and ``x`` must be channels-last.
+    """
+    return torch.ops.mkldnn._convolution_pointwise_.binary(
+        out, x, w, b, list(conv.padding[-dims:]), list(conv.stride[-dims:]), list(conv.dilation[-dims:]),
+        conv.groups, "add", None, "relu" if relu else None, [], None,
+    )
+
+
+def _zeroed(pool: dict, shape: tuple[int, ...], like: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """A zero-filled tensor of ``shape`` from ``pool``, reusing the one of the same shape taken before.
+
+    Fresh large tensors cost page faults (glibc hands allocations over 32 MiB back to the system when
+    they are freed, and the system zero-fills every page again); on the 2-core machine of
+    ``benchmarks/`` they took about a fifth of the per-volume time. Zeroing reused memory is cheaper.
+    """
+    key = (shape, fmt)
+    if key not in pool:
+        pool[key] = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
+    return pool[key].zero_()
+
+
+def _out_size(conv, sizes, dims: int = 3) -> tuple[int, ...]:
+    k, s, p, d = (t[-dims:] for t in (conv.kernel_size, conv.stride, conv.padding, conv.dilation))
+    return tuple((n + 2 * pi - di * (ki - 1) - 1) // si + 1 for n, ki, si, pi, di in zip(sizes, k, s, p, d))
 
 
 def _rows(x: torch.Tensor, dim: int, start: int, count: int) -> torch.Tensor:
@@ -54,16 +94,17 @@ def _rows(x: torch.Tensor, dim: int, start: int, count: int) -> torch.Tensor:
     return x[tuple(index)]
 
 
-def _max3_stride2(x: torch.Tensor, dim: int, shift: int, count: int) -> torch.Tensor:
+def _max3_stride2(x: torch.Tensor, dim: int, shift: int, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Max pooling with window 3 and stride 2 along one axis, without padding copies.
 
     Output ``i`` is the max of the rows ``2i + shift - 1``, ``2i + shift``, ``2i + shift + 1`` of ``x``
     along ``dim`` that exist (missing rows count as -inf, as max pooling's padding does); ``shift`` is 0
-    or 1 and the centre rows must exist. The output keeps the memory format of ``x``.
+    or 1 and the centre rows must exist. The output keeps the memory format of ``x``, or is written
+    into ``out`` (the output's shape, not overlapping ``x``).
     """
     m = x.shape[dim]
     centre = _rows(x, dim, shift, count)
-    y = torch.empty_like(centre)  # preserve_format: a strided channels-last view gives channels-last
+    y = torch.empty_like(centre) if out is None else out  # empty_like: a strided channels-last view gives channels-last
     right = min(count, (m - shift) // 2)  # outputs whose row 2i + shift + 1 exists
     head = y.narrow(dim, 0, right)
     torch.maximum(centre.narrow(dim, 0, right), _rows(x, dim, shift + 1, right), out=head)
@@ -75,35 +116,61 @@ def _max3_stride2(x: torch.Tensor, dim: int, shift: int, count: int) -> torch.Te
     return y
 
 
-def _stem_conv(conv: torch.nn.Conv3d, weight: torch.Tensor, bias: torch.Tensor, slab: torch.Tensor) -> torch.Tensor:
+def _stem_conv(
+    conv: torch.nn.Conv3d,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    slab: torch.Tensor,
+    taps: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """conv1 (stride 1 along D) on a D-padded slab, with no padding along D: ``(B, O, rows, h, w)``.
 
     The D taps become input channels of a 2D convolution over (H, W), batched over the output rows
     (``y[r] = sum_c,d w[:, c, d] * x[c, r + d]``, the same sum); on the CPU this runs faster than the
-    3D convolution with its single input channel, and yields channels-last 3D output.
+    3D convolution with its single input channel, and yields channels-last 3D output. ``taps``, when
+    given, is a channels-last ``(B * rows, C * kd, H, W)`` tensor to hold the taps, and ``out`` a
+    zero-filled channels-last ``(B * rows, O, h, w)`` tensor to hold the output (see :func:`_conv_add_`).
     """
     bsz, cin, n = slab.shape[:3]
     kd = conv.kernel_size[0]
     rows = n - kd + 1
-    by_row = slab.permute(0, 2, 3, 4, 1)  # (B, n, H, W, C)
-    taps = torch.stack([by_row[:, d : d + rows] for d in range(kd)], -1)  # (B, rows, H, W, C, kd)
-    taps = taps.view(bsz * rows, *taps.shape[2:4], cin * kd).permute(0, 3, 1, 2)
+    view = slab.unfold(2, kd, 1).permute(0, 2, 1, 5, 3, 4)  # (B, rows, C, kd, H, W), no copy
+    if taps is None:
+        taps = torch.empty((bsz * rows, cin * kd, *slab.shape[3:]), dtype=slab.dtype, device=slab.device,
+                           memory_format=torch.channels_last)
+    taps.view(view.shape).copy_(view)
     w2d = weight.reshape(weight.shape[0], cin * kd, *weight.shape[3:]).contiguous(memory_format=torch.channels_last)
-    y = F.conv2d(taps, w2d.to(slab.dtype), bias.to(slab.dtype), conv.stride[1:], conv.padding[1:])  # (B*rows, O, h, w)
+    if out is not None:
+        y = _conv_add_(out, taps, w2d, bias, conv, relu=False, dims=2)  # out is zero: y = conv(taps)
+    else:
+        y = F.conv2d(taps, w2d.to(slab.dtype), bias.to(slab.dtype), conv.stride[1:], conv.padding[1:])  # (B*rows, O, h, w)
     return y.view(bsz, rows, *y.shape[1:]).transpose(1, 2)
 
 
-# conv1 output values per slab of the stem (about 256 MiB of float32)
-_STEM_SLAB_VALUES = 1 << 26
+# conv1 output values per slab of the stem (64 MiB of float32)
+_STEM_SLAB_VALUES = 1 << 24
 
 
-def _stem(backbone: ResNet3d, x: torch.Tensor, fmt=torch.contiguous_format) -> torch.Tensor:
+def _slab_buffer(shape: tuple[int, ...], like: torch.Tensor, fmt: torch.memory_format):
+    """Memory reused by every slab, as ``take(n)``: the leading ``n`` entries along the slab axis.
+
+    Each slab's temporaries would otherwise be fresh allocations, and fresh large tensors cost page
+    faults: glibc hands allocations over 32 MiB back to the system when they are freed. The slab
+    axis (0 for the 2D taps, 2 for 3D maps) is the outermost of ``fmt``'s layout when the batch is 1.
+    """
+    storage = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
+    dim = 0 if len(shape) == 4 else 2
+    return lambda n: storage.narrow(dim, 0, n)
+
+
+def _stem(backbone: ResNet3d, x: torch.Tensor, fmt=torch.contiguous_format, pool: dict | None = None) -> torch.Tensor:
     """conv1 -> BatchNorm -> max pool -> ReLU (ReLU commutes with max), in slabs along D so the
     full-resolution conv1 output (the largest activation of the network) is never held whole.
 
     Max pooling runs separably (max over a 3x3x3 box = max over 3 along each axis in turn, exact) on
     conv1's channels-last output, where every pooled row is a contiguous run of channels. The result
-    has memory format ``fmt``.
+    has memory format ``fmt``. With a ``pool`` (see :func:`_zeroed`), conv1 writes into reused memory.
     """
     conv = backbone.conv1
     kd, pd = conv.kernel_size[0], conv.padding[0]
@@ -113,27 +180,51 @@ def _stem(backbone: ResNet3d, x: torch.Tensor, fmt=torch.contiguous_format) -> t
     n = x.shape[2]
     h, w = ((size + 2 * p - k) // s + 1 for size, p, k, s in zip(x.shape[3:], conv.padding[1:], conv.kernel_size[1:], conv.stride[1:]))
     out_d, out_h, out_w = (n - 1) // 2 + 1, (h - 1) // 2 + 1, (w - 1) // 2 + 1
-    out = torch.empty((x.shape[0], conv.out_channels, out_d, out_h, out_w), dtype=x.dtype, device=x.device, memory_format=fmt)
-    step = max(1, _STEM_SLAB_VALUES // (2 * conv.out_channels * x.shape[0] * h * w))
+    bsz, cl3 = x.shape[0], torch.channels_last_3d
+    out = torch.empty((bsz, conv.out_channels, out_d, out_h, out_w), dtype=x.dtype, device=x.device, memory_format=fmt)
+    step = max(1, _STEM_SLAB_VALUES // (2 * conv.out_channels * bsz * h * w))
+    taps = _slab_buffer((bsz * (2 * step + 1), x.shape[1] * kd, *x.shape[3:]), x, torch.channels_last)
+    by_d = _slab_buffer((bsz, conv.out_channels, step, h, w), x, cl3)  # pooled along D
+    by_dh = _slab_buffer((bsz, conv.out_channels, step, out_h, w), x, cl3)  # ... and along H
     for a in range(0, out_d, step):
         b = min(out_d, a + step)
         r0, r1 = max(2 * a - 1, 0), min(2 * b, n)  # conv1 rows the pooled rows a..b-1 need
         i0, i1 = r0 - pd, r1 + pd  # input rows those conv rows need
         slab = x[:, :, max(i0, 0) : min(i1, n)]
         slab = F.pad(slab, (0, 0, 0, 0, max(0, -i0), max(0, i1 - n)))
-        y = _stem_conv(conv, weight, bias, slab)
-        y = _max3_stride2(y, 2, 0 if a == 0 else 1, b - a)  # slab row 0 is conv row 2a - 1 after the first
-        y = _max3_stride2(_max3_stride2(y, 3, 0, out_h), 4, 0, out_w)
-        out[:, :, a:b] = y.relu_()
+        rows = bsz * (r1 - r0)
+        y_out = None
+        if pool is not None:  # the largest slab's shape, so that every slab reuses one tensor
+            y_out = _zeroed(pool, (bsz * (2 * step + 1), conv.out_channels, h, w), x, torch.channels_last)[:rows]
+        y = _stem_conv(conv, weight, bias, slab, taps(rows), y_out)
+        # slab row 0 is conv row 2a - 1 after the first slab
+        pooled = _max3_stride2(y, 2, 0 if a == 0 else 1, b - a, by_d(b - a))
         del y
+        pooled = _max3_stride2(pooled, 3, 0, out_h, by_dh(b - a))
+        _max3_stride2(pooled, 4, 0, out_w, out[:, :, a:b]).relu_()
     return out
 
 
-def _block(block, x: torch.Tensor, fmt) -> torch.Tensor:
-    residual = x if block.shortcut is None else block.shortcut(x).contiguous(memory_format=fmt)
-    out = _conv_bn(block.conv1, block.bn1, x, fmt=fmt).relu_()
-    out = _conv_bn(block.conv2, block.bn2, out, fmt=fmt)
-    return out.add_(residual).relu_()
+def _block(block, x: torch.Tensor, fmt, pool: dict | None = None, x_is_free: bool = False) -> torch.Tensor:
+    """One residual block. With a ``pool`` (channels-last float32 on a CPU), the first convolution
+    writes into reused memory and the second adds itself to the residual in place, with the ReLU
+    fused; ``x_is_free`` says ``x`` may be overwritten when it is the residual."""
+    if pool is None:
+        residual = x if block.shortcut is None else block.shortcut(x).contiguous(memory_format=fmt)
+        out = _conv_bn(block.conv1, block.bn1, x, fmt=fmt).relu_()
+        out = _conv_bn(block.conv2, block.bn2, out, fmt=fmt)
+        return out.add_(residual).relu_()
+    if block.shortcut is not None:
+        residual = block.shortcut(x).contiguous(memory_format=fmt)
+    else:
+        residual = x if x_is_free else x.clone(memory_format=fmt)
+    x = x.contiguous(memory_format=fmt)
+    out = _zeroed(pool, (x.shape[0], block.conv1.out_channels, *_out_size(block.conv1, x.shape[2:])), x, fmt)
+    for conv, bn, target in ((block.conv1, block.bn1, out), (block.conv2, block.bn2, residual)):
+        w, b = _fold(conv, bn)
+        _conv_add_(target, x, w.contiguous(memory_format=fmt), b, conv, relu=True)
+        x = target
+    return residual
 
 
 @torch.no_grad()
@@ -145,11 +236,15 @@ def backbone_features(backbone: ResNet3d, image: torch.Tensor, *, channels_last:
         channels_last: run the residual stages in the channels-last 3D memory format.
     """
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-    x = _stem(backbone, image, fmt)
+    # reused memory for the convolutions' outputs (see _zeroed), where oneDNN can write into it;
+    # one pool per stage, freed with it
+    reuse = channels_last and _accumulates(image)
+    x = _stem(backbone, image, fmt, {} if reuse else None)
     feats = []
     for name in ("layer1", "layer2", "layer3", "layer4"):
-        for block in getattr(backbone, name):
-            x = _block(block, x, fmt)
+        pool = {} if reuse else None
+        for i, block in enumerate(getattr(backbone, name)):
+            x = _block(block, x, fmt, pool, x_is_free=i > 0 or not feats)  # stage outputs are kept
         feats.append(x)
     return feats
 

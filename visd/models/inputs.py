@@ -33,13 +33,16 @@ def as_volume(x: Any, name: str, *, num_organs: int | None, device: torch.device
         )
     if num_organs is None:
         t = t.to(torch.float32)
-        if not bool(torch.isfinite(t).all()):
+        # one reduction instead of a full isfinite pass: a NaN or infinity makes the sum non-finite;
+        # only a non-finite sum (possibly an overflow of finite values) needs the element-wise check
+        if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
             raise InputError(f"{name} has NaN or infinite values; preprocessed images hold values in [0, 1]")
         return t.to(device)
     if t.is_floating_point() and not bool(torch.equal(t, t.round())):
         raise InputError(f"{name} must hold integer organ labels, found non-integer values")
-    bad = t[(t < 0) | (t > num_organs)].unique()
-    if bad.numel():
+    lo, hi = torch.aminmax(t) if t.numel() else (0, 0)
+    if lo < 0 or hi > num_organs:
+        bad = t[(t < 0) | (t > num_organs)].unique()
         raise InputError(
             f"{name} has labels {bad.tolist()[:10]} outside 0..{num_organs}; organ labels are 1..{num_organs}, "
             "one per organ of the model. Map the label map with visd.data first."

@@ -127,7 +127,7 @@ class ViSDModel(nn.Module):
                 the plain path takes one part of projected tokens, ``(tokens, None)``.
             roi: ``(n4, E)`` the organ's level-4 tokens.
         """
-        normality = self.normality(roi, o)
+        normality = self.normality(roi, o, fused_attention=fast)
         if fast:
             attn = pool_organ(self.pooling, shared, roi, normality.reconstruction, o)
         else:

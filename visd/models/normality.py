@@ -30,12 +30,17 @@ class _Attention(nn.Module):
         self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(0.0))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """Self-attention; ``fused`` uses :func:`F.scaled_dot_product_attention` (the same function,
+        float rounding only) instead of the official matmul-softmax-matmul order."""
         b, n, _ = x.shape
         q, k, v = (t.reshape(b, n, self.heads, -1).transpose(1, 2) for t in self.to_qkv(self.norm(x)).chunk(3, -1))
-        attn = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * self.scale, dim=-1)
-        out = torch.matmul(attn, v).transpose(1, 2).reshape(b, n, -1)
-        return self.to_out(out)
+        if fused:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        else:
+            attn = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * self.scale, dim=-1)
+            out = torch.matmul(attn, v)
+        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
 
 class _FeedForward(nn.Module):
@@ -61,9 +66,9 @@ class _Transformer(nn.Module):
         )
         self.norm = nn.LayerNorm(c.dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         for attn, ff in self.layers:
-            x = attn(x) + x
+            x = attn(x, fused) + x
             x = ff(x) + x
         return self.norm(x)
 
@@ -75,8 +80,8 @@ class _Encoder(nn.Module):
         self.input2 = nn.Linear(config.hidden_dim, config.dim)
         self.transformer = _Transformer(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.transformer(self.input2(self.input1(x)))
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        return self.transformer(self.input2(self.input1(x)), fused)
 
 
 class _Decoder(nn.Module):
@@ -86,8 +91,8 @@ class _Decoder(nn.Module):
         self.output1 = nn.Linear(config.dim, config.hidden_dim)
         self.output2 = nn.Linear(config.hidden_dim, token_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.output2(self.output1(self.transformer(x)))
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        return self.output2(self.output1(self.transformer(x, fused)))
 
 
 @dataclass
@@ -210,15 +215,21 @@ class NormalityModel(nn.Module):
         self.quantizer = EMAQuantizer(config)
         self.decoder = _Decoder(token_dim, config)
 
-    def encode(self, scaled: torch.Tensor, organ_index: int) -> torch.Tensor:
+    def encode(self, scaled: torch.Tensor, organ_index: int, *, fused_attention: bool = False) -> torch.Tensor:
         """Encoder output ``(n, dim)`` for min-max scaled tokens ``(n, C)`` of organ ``organ_index``."""
         cond = self.condition(scaled.new_tensor([float(organ_index)]))
-        return self.encoder(torch.cat([cond[None], scaled], 0)[None])[0, 1:]
+        return self.encoder(torch.cat([cond[None], scaled], 0)[None], fused_attention)[0, 1:]
 
-    def forward(self, tokens: torch.Tensor, organ_index: int) -> NormalityOutput:
-        """Reconstruct one organ's level-4 tokens ``(n, C)`` as normal anatomy."""
+    def forward(self, tokens: torch.Tensor, organ_index: int, *, fused_attention: bool = False) -> NormalityOutput:
+        """Reconstruct one organ's level-4 tokens ``(n, C)`` as normal anatomy.
+
+        Args:
+            fused_attention: run the transformers' attention through
+                :func:`torch.nn.functional.scaled_dot_product_attention` (fused on CPU and GPU; float
+                rounding only) instead of the official operation order.
+        """
         scaled, mn, mx = minmax_scale(tokens)
-        z = self.encode(scaled, organ_index)
+        z = self.encode(scaled, organ_index, fused_attention=fused_attention)
         vq = self.quantizer(z)
-        decoded = self.decoder(vq.quantized[None])[0]
+        decoded = self.decoder(vq.quantized[None], fused_attention)[0]
         return NormalityOutput((decoded + 0.5) * mx + mn, decoded, vq.codes, z, vq.commitment_loss, scaled)
