@@ -37,12 +37,23 @@ def machine() -> str:
 
 
 def commit() -> str:
+    """The commit of the visd package being measured (the checkout it is imported from), with
+    ``+dirty`` when that checkout's ``visd/`` has uncommitted changes."""
+    import visd
+
+    package = Path(visd.__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=README.parent)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "../visd"], capture_output=True, text=True, cwd=README.parent)
-        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=package)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], capture_output=True, text=True, cwd=package)
+        return (out.stdout.strip() or "unknown") + ("+dirty" if dirty.stdout.strip() else "")
     except OSError:
         return "unknown"
+
+
+def system_usage() -> tuple[int, float]:
+    """Minor page faults and system CPU seconds of this process so far (for differences)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt, usage.ru_stime
 
 
 def reset_peak_rss() -> None:

@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from _common import chest_volume, full_size_model, peak_gpu_gb, peak_rss_gb, record, set_mode, timed
+from _common import chest_volume, full_size_model, peak_gpu_gb, peak_rss_gb, record, set_mode, system_usage, timed
 
 
 def official_text(model):
@@ -45,15 +45,17 @@ def main() -> None:
         def run():
             with torch.no_grad():
                 text = official_text(model)
-            emb = model.encode_image(image, mask)
-            return [float(torch.softmax(emb[f.organ] @ t.t() / model.temperature, -1)[1]) for f, t in zip(model.config.findings, text)]
+                emb = model.encode_image(image, mask)
+                return [float(torch.softmax(emb[f.organ] @ t.t() / model.temperature, -1)[1]) for f, t in zip(model.config.findings, text)]
     else:
         def run():
             model._prompt_cache.clear()
             return [s.probability for s in model.zero_shot_classify(image, mask).scores]
+    faults, system = system_usage()
     probs, seconds = timed(run)
+    faults, system = (b - a for a, b in zip((faults, system), system_usage()))
     peak = peak_gpu_gb() if args.device == "cuda" else peak_rss_gb()
-    note = f"{args.device}"
+    note = f"{args.device}, {faults / 1e6:.2f}M page faults, {system:.1f} s system CPU"
     official = probs if args.mode == "official" else None
     if args.compare and args.mode != "official":
         set_mode(model, "official")

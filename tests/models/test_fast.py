@@ -121,8 +121,8 @@ def test_stem_conv_as_2d_convolution_over_depth_taps(generator):
 @pytest.mark.parametrize("shape", [(37, 64, 48), (36, 33, 47), (2, 9, 10)])
 @pytest.mark.parametrize("rows_per_slab", [1, 3, 100])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last_3d])
-@pytest.mark.parametrize("pool", [None, {}])
-def test_stem_in_slabs_matches_the_whole_stem(monkeypatch, shape, rows_per_slab, fmt, pool):
+@pytest.mark.parametrize("in_place", [False, True])
+def test_stem_in_slabs_matches_the_whole_stem(monkeypatch, shape, rows_per_slab, fmt, in_place):
     model = make_tiny_model()
     bb = model.vision.backbone
     x = torch.rand(2, 1, *shape)
@@ -131,7 +131,7 @@ def test_stem_in_slabs_matches_the_whole_stem(monkeypatch, shape, rows_per_slab,
         expected = torch.nn.functional.max_pool3d(torch.relu(bb.bn1(conv)), 3, 2, 1)
         values_per_row = conv.shape[0] * conv.shape[1] * conv.shape[3] * conv.shape[4]
         monkeypatch.setattr(fast, "_STEM_SLAB_VALUES", 2 * values_per_row * rows_per_slab)
-        got = fast._stem(bb, x, fmt, pool)
+        got = fast._stem(bb, x, fmt, in_place)
     assert got.is_contiguous(memory_format=fmt)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 

@@ -14,7 +14,13 @@ path, measured in ``tests/models/test_fast.py`` and ``benchmarks/``):
 - the two stacked fusion maps folded into one, ``A = W2 W1``, ``c = W2 b1 + b2``;
 - single-query attention in O(n d): the key projection moves onto the query
   (``score_i = h_i . (A^T Wk_h^T q_h)``) and the value projection after the weighted mean
-  (``out_h = Wv_h (A mean_p(h) + c) + bv_h``), via :func:`visd.kernels.segment_softmax_pool`.
+  (``out_h = Wv_h (A mean_p(h) + c) + bv_h``), via :func:`visd.kernels.segment_softmax_pool`;
+- large temporaries in reused memory (fresh ones cost page faults): the stem's slabs share their
+  buffers and, on a CPU with oneDNN, the convolutions write into reused zeroed tensors or add
+  themselves to the residual in place (oneDNN's sum post-op, the ReLU fused).
+
+The normality model's attention runs through ``scaled_dot_product_attention`` on this path
+(:class:`visd.models.normality.NormalityModel`, ``fused_attention``).
 """
 
 from __future__ import annotations
@@ -45,12 +51,19 @@ def _conv_bn(conv: torch.nn.Conv3d, bn: torch.nn.BatchNorm3d, x: torch.Tensor, f
     return F.conv3d(x, w.to(x.dtype), b.to(x.dtype), conv.stride, conv.padding, conv.dilation)
 
 
+def _cpu_autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
 def _accumulates(x: torch.Tensor) -> bool:
     """Whether :func:`_conv_add_` can run: float32 on a CPU with oneDNN, outside autocast."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
-        and not torch.is_autocast_enabled("cpu")
+        and not _cpu_autocast()
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_convolution_pointwise_")
     )
@@ -73,8 +86,8 @@ def _zeroed(pool: dict, shape: tuple[int, ...], like: torch.Tensor, fmt: torch.m
     """A zero-filled tensor of ``shape`` from ``pool``, reusing the one of the same shape taken before.
 
     Fresh large tensors cost page faults (glibc hands allocations over 32 MiB back to the system when
-    they are freed, and the system zero-fills every page again); on the 2-core machine of
-    ``benchmarks/`` they took about a fifth of the per-volume time. Zeroing reused memory is cheaper.
+    they are freed, and the system zero-fills every page again when they are next taken; see
+    ``docs/performance.md``); zeroing reused memory is cheaper.
     """
     key = (shape, fmt)
     if key not in pool:
@@ -82,9 +95,10 @@ def _zeroed(pool: dict, shape: tuple[int, ...], like: torch.Tensor, fmt: torch.m
     return pool[key].zero_()
 
 
-def _out_size(conv, sizes, dims: int = 3) -> tuple[int, ...]:
-    k, s, p, d = (t[-dims:] for t in (conv.kernel_size, conv.stride, conv.padding, conv.dilation))
-    return tuple((n + 2 * pi - di * (ki - 1) - 1) // si + 1 for n, ki, si, pi, di in zip(sizes, k, s, p, d))
+def _out_size(conv: torch.nn.Conv3d, sizes) -> tuple[int, ...]:
+    """Spatial output size of ``conv`` for input ``sizes`` ``(D, H, W)``."""
+    geometry = zip(sizes, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+    return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in geometry)
 
 
 def _rows(x: torch.Tensor, dim: int, start: int, count: int) -> torch.Tensor:
@@ -155,22 +169,23 @@ _STEM_SLAB_VALUES = 1 << 24
 def _slab_buffer(shape: tuple[int, ...], like: torch.Tensor, fmt: torch.memory_format):
     """Memory reused by every slab, as ``take(n)``: the leading ``n`` entries along the slab axis.
 
-    Each slab's temporaries would otherwise be fresh allocations, and fresh large tensors cost page
-    faults: glibc hands allocations over 32 MiB back to the system when they are freed. The slab
-    axis (0 for the 2D taps, 2 for 3D maps) is the outermost of ``fmt``'s layout when the batch is 1.
+    Each slab's temporaries would otherwise be fresh allocations, which cost page faults (see
+    :func:`_zeroed`). The slab axis (0 for 2D maps, 2 for 3D maps) is the outermost of ``fmt``'s
+    layout when the batch is 1.
     """
     storage = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
     dim = 0 if len(shape) == 4 else 2
     return lambda n: storage.narrow(dim, 0, n)
 
 
-def _stem(backbone: ResNet3d, x: torch.Tensor, fmt=torch.contiguous_format, pool: dict | None = None) -> torch.Tensor:
+def _stem(backbone: ResNet3d, x: torch.Tensor, fmt=torch.contiguous_format, in_place: bool = False) -> torch.Tensor:
     """conv1 -> BatchNorm -> max pool -> ReLU (ReLU commutes with max), in slabs along D so the
     full-resolution conv1 output (the largest activation of the network) is never held whole.
 
     Max pooling runs separably (max over a 3x3x3 box = max over 3 along each axis in turn, exact) on
     conv1's channels-last output, where every pooled row is a contiguous run of channels. The result
-    has memory format ``fmt``. With a ``pool`` (see :func:`_zeroed`), conv1 writes into reused memory.
+    has memory format ``fmt``. Every slab reuses the memory of the first; ``in_place`` lets conv1
+    write into it too (see :func:`_conv_add_`).
     """
     conv = backbone.conv1
     kd, pd = conv.kernel_size[0], conv.padding[0]
@@ -186,6 +201,7 @@ def _stem(backbone: ResNet3d, x: torch.Tensor, fmt=torch.contiguous_format, pool
     taps = _slab_buffer((bsz * (2 * step + 1), x.shape[1] * kd, *x.shape[3:]), x, torch.channels_last)
     by_d = _slab_buffer((bsz, conv.out_channels, step, h, w), x, cl3)  # pooled along D
     by_dh = _slab_buffer((bsz, conv.out_channels, step, out_h, w), x, cl3)  # ... and along H
+    conv_out = _slab_buffer((bsz * (2 * step + 1), conv.out_channels, h, w), x, torch.channels_last) if in_place else None
     for a in range(0, out_d, step):
         b = min(out_d, a + step)
         r0, r1 = max(2 * a - 1, 0), min(2 * b, n)  # conv1 rows the pooled rows a..b-1 need
@@ -193,10 +209,7 @@ def _stem(backbone: ResNet3d, x: torch.Tensor, fmt=torch.contiguous_format, pool
         slab = x[:, :, max(i0, 0) : min(i1, n)]
         slab = F.pad(slab, (0, 0, 0, 0, max(0, -i0), max(0, i1 - n)))
         rows = bsz * (r1 - r0)
-        y_out = None
-        if pool is not None:  # the largest slab's shape, so that every slab reuses one tensor
-            y_out = _zeroed(pool, (bsz * (2 * step + 1), conv.out_channels, h, w), x, torch.channels_last)[:rows]
-        y = _stem_conv(conv, weight, bias, slab, taps(rows), y_out)
+        y = _stem_conv(conv, weight, bias, slab, taps(rows), None if conv_out is None else conv_out(rows).zero_())
         # slab row 0 is conv row 2a - 1 after the first slab
         pooled = _max3_stride2(y, 2, 0 if a == 0 else 1, b - a, by_d(b - a))
         del y
@@ -239,7 +252,7 @@ def backbone_features(backbone: ResNet3d, image: torch.Tensor, *, channels_last:
     # reused memory for the convolutions' outputs (see _zeroed), where oneDNN can write into it;
     # one pool per stage, freed with it
     reuse = channels_last and _accumulates(image)
-    x = _stem(backbone, image, fmt, {} if reuse else None)
+    x = _stem(backbone, image, fmt, in_place=reuse)
     feats = []
     for name in ("layer1", "layer2", "layer3", "layer4"):
         pool = {} if reuse else None
