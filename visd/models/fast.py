@@ -1,7 +1,8 @@
 """The fast inference path: the same function as the plain path, with less work and memory.
 
 Each saving is exact algebra; only float rounding differs (probabilities within 1e-5 of the plain
-path, measured in ``tests/models/test_fast.py`` and ``benchmarks/``):
+path in ``tests/models/test_fast.py`` and on the real CT of ``tests/models/test_official.py``; see
+``docs/performance.md`` for a full-size volume, where float32 itself is the limit):
 
 - BatchNorm folded into the preceding convolution (eval statistics), and the stem run in slabs along D,
   so the full-resolution stem output is never held whole;
