@@ -105,6 +105,21 @@ def test_low_precision_inputs_accumulate_in_float32():
         assert_close(out.pooled_b, rounded.pooled_b, dtype)
 
 
+def test_long_segments_are_summed_accurately():
+    """A lung has ~500,000 level-1 tokens: the weighted sum over them is done in float64, so a float32
+    input gives the float64 result rounded once (a float32 matrix product was 1.3e-4 off here)."""
+    g = torch.Generator().manual_seed(0)
+    n = 300_000
+    x = torch.rand(n, 64, generator=g)
+    u = torch.randn(1, 4, 64, generator=g) * 0.01  # near-uniform weights: a plain mean, no cancellation
+    offsets = torch.tensor([0, n])
+    out = segment_softmax_pool_reference(x, None, offsets, u, None, 0.125)
+    exact = segment_softmax_pool_reference(x.double(), None, offsets, u.double(), None, 0.125)
+    rel = (out.pooled_a.double() - exact.pooled_a).abs().max() / exact.pooled_a.abs().max()
+    assert rel < 2e-7
+    assert (out.lse.double() - exact.lse).abs().max() < 1e-5
+
+
 def _mha_setup(embed_dim, heads, fa, fb, num_segments, per_segment_map, seed=0):
     g = torch.Generator().manual_seed(seed)
     attn = torch.nn.MultiheadAttention(embed_dim, heads, batch_first=True).double().eval()
