@@ -67,8 +67,8 @@ def segment_softmax_pool(
     Returns:
         :class:`SegmentPoolOutput` ``(pooled_a, pooled_b, lse)``. ``pooled_*`` have the input dtype
         and are differentiable in ``x_a``, ``x_b``, ``u_a``, ``u_b``; an empty segment gives zeros
-        (and zero gradients) with ``lse = -inf``. ``lse`` is float32 and detached. Accumulation is
-        in float32 (float64 for float64 inputs, reference only).
+        (and zero gradients) with ``lse = -inf``. ``lse`` is float32 and detached. Triton
+        accumulates in float32; the reference sums over rows in float64 (see ``docs/kernels.md``).
 
     Raises:
         InputError: bad shapes, dtypes, devices, offsets or backend; ``"triton"`` with CPU tensors
