@@ -26,8 +26,9 @@ __all__ = [
 _DISTANCE_BUDGET = 1 << 22
 
 
-# Rows of a segment summed per step by _row_sum (bounds the float64 copy of the rows).
-_ROW_CHUNK = 1 << 16
+# Rows of a segment summed per step by _row_sum: a float64 copy of a few MB, which the allocator
+# reuses (copies over 32 MiB would be fresh memory each time, see visd.models.fast._zeroed).
+_ROW_CHUNK = 1 << 13
 
 
 def _row_sum(p: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
