@@ -1,7 +1,8 @@
 """Pure-torch ground truth for the kernels in :mod:`visd.kernels`.
 
 Clarity first: a plain loop over segments, float32 arithmetic (float64 for float64 inputs) except
-for the pooling's sums over a segment's rows, which are float64; gradients from ordinary autograd. The Triton fast paths are tested against these functions, and
+for the pooling's sums over a segment's rows, which are float64; gradients from ordinary autograd.
+The Triton fast paths are tested against these functions, and
 :func:`visd.kernels.segment_softmax_pool` / :func:`visd.kernels.nearest_code` fall back to them
 where Triton cannot run. Arguments are not validated here; the public functions do that.
 """
@@ -40,7 +41,8 @@ def _row_sum(p: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     The sums are a small share of the work, so they are done in float64, a chunk of rows at a time.
     """
     n = rows.shape[0]
-    parts = [p[i : i + _ROW_CHUNK].T @ rows[i : i + _ROW_CHUNK].to(torch.float64) for i in range(0, max(n, 1), _ROW_CHUNK)]
+    chunks = range(0, max(n, 1), _ROW_CHUNK)  # an empty segment still gives one (H, F) product, of zeros
+    parts = [p[i : i + _ROW_CHUNK].T @ rows[i : i + _ROW_CHUNK].to(torch.float64) for i in chunks]
     return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
 
 

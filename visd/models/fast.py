@@ -70,7 +70,9 @@ def _accumulates(x: torch.Tensor) -> bool:
     )
 
 
-def _conv_add_(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, conv, *, relu: bool, dims: int = 3) -> torch.Tensor:
+def _conv_add_(
+    out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, conv, *, relu: bool, dims: int = 3
+) -> torch.Tensor:
     """``out = conv(x) + out`` (then ReLU when ``relu``), computed by oneDNN into ``out`` in place.
 
     The same convolution as ``F.conv3d`` (oneDNN's sum post-op adds ``out`` to the result before it
