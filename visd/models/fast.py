@@ -2,7 +2,8 @@
 
 Each saving is exact algebra; only float rounding differs (probabilities within 1e-5 of the plain
 path in ``tests/models/test_fast.py`` and on the real CT of ``tests/models/test_official.py``; see
-``docs/performance.md`` for a full-size volume, where float32 itself is the limit):
+``docs/performance.md`` for a full-size volume, where the plain path's own float32 rounding is the
+limit):
 
 - BatchNorm folded into the preceding convolution (eval statistics), and the stem run in slabs along D,
   so the full-resolution stem output is never held whole;
