@@ -234,7 +234,7 @@ def _block(block, x: torch.Tensor, fmt, pool: dict | None = None, x_is_free: boo
     if block.shortcut is not None:
         residual = block.shortcut(x).contiguous(memory_format=fmt)
     else:
-        residual = x if x_is_free else x.clone(memory_format=fmt)
+        residual = x.contiguous(memory_format=fmt) if x_is_free else x.clone(memory_format=fmt)
     x = x.contiguous(memory_format=fmt)
     out = _zeroed(pool, (x.shape[0], block.conv1.out_channels, *_out_size(block.conv1, x.shape[2:])), x, fmt)
     for conv, bn, target in ((block.conv1, block.bn1, out), (block.conv2, block.bn2, residual)):
