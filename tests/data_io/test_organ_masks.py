@@ -101,6 +101,10 @@ def test_unknown_labels_in_visd_format(tmp_path, ct, ras_organs, ras_seg, config
     path = save_nifti(labels, ras_seg.affine, tmp_path / "bad.nii.gz")
     with pytest.raises(InputError, match=r"bad.nii.gz has unknown labels \[7, 9\]. Expected .*1=lung, 2=heart"):
         read_organ_mask(path, ct, config, mask_format="visd")
+    labels = ras_organs.astype(np.int16)
+    labels[5, 5, 5], labels[6, 5, 5], labels[7, 5, 5], labels[8, 5, 5] = 9, -3, 9, 5
+    with pytest.raises(InputError, match=r"array has unknown labels \[-3, 5, 9\]\. Expected 0"):
+        read_organ_mask(labels, ct, config, mask_format="visd")  # each bad value once, in ascending order
 
 
 def test_empty_mask(tmp_path, ct, ras_seg, ras_seg_labels, config):

@@ -9,7 +9,7 @@ import pytest
 
 from visd.config import PreprocessConfig
 from visd.data import CTVolume, load_case, preprocess, read_ct, read_organ_mask
-from visd.data.preprocess import _resize, source_spacing, target_size
+from visd.data.preprocess import _resize_dhw, source_spacing, target_size
 from visd.errors import InputError
 
 from ._helpers import data_file
@@ -109,10 +109,55 @@ def test_spacing_from_diagonal_or_column_norms():
     assert np.allclose(source_spacing(oblique), (0.8, 0.8, 3.0))
 
 
-def test_label_resize_is_legacy_nearest():
-    labels = np.array([1, 2, 3], dtype=np.float32).reshape(3, 1, 1)
-    out = _resize(labels, (5, 1, 1), "nearest")[:, 0, 0]
-    np.testing.assert_array_equal(out, [1, 1, 2, 2, 3])  # src = floor(dst * 3 / 5); nearest-exact gives 1 1 2 3 3
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8])
+def test_label_resize_is_legacy_nearest(dtype):
+    labels = np.array([1, 2, 3], dtype=dtype).reshape(3, 1, 1)
+    out = _resize_dhw(labels, (5, 1, 1), "nearest")  # (X, Y, Z) in, (Z, Y, X) out
+    assert out.shape == (1, 1, 5) and out.dtype == dtype
+    np.testing.assert_array_equal(out[0, 0], [1, 1, 2, 2, 3])  # src = floor(dst * 3 / 5); nearest-exact gives 1 1 2 3 3
+
+
+def _official_steps(hu_xyz, labels_xyz, size, cfg):
+    """The official order, spelled out: resize C-ordered (X, Y, Z) float32 tensors, transpose, window,
+    crop to the organ box (argwhere), pad."""
+    import torch
+    import torch.nn.functional as F
+
+    def resize(a, mode):
+        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None, None]
+        kwargs = {"align_corners": False} if mode == "trilinear" else {}
+        return F.interpolate(t, size=size, mode=mode, **kwargs)[0, 0].numpy()
+
+    image = np.transpose(resize(hu_xyz, "trilinear"), (2, 1, 0))
+    labels = np.transpose(resize(labels_xyz, "nearest"), (2, 1, 0))
+    lo, hi = cfg.hu_window
+    image = np.clip((image - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0)
+    nz = np.argwhere(labels > 0)
+    start = np.maximum(nz.min(0) - np.asarray(cfg.crop_margin), 0)
+    stop = np.minimum(nz.max(0) + np.asarray(cfg.crop_margin), labels.shape)
+    box = tuple(slice(a, b) for a, b in zip(start, stop))
+    pad = [(max(r - n, 0) // 2, max(r - n, 0) - max(r - n, 0) // 2) for n, r in zip(image[box].shape, cfg.roi)]
+    return np.pad(image[box], pad).astype(np.float32), np.pad(labels[box], pad).astype(np.uint8)
+
+
+@pytest.mark.parametrize("layout", ["fortran", "c"])
+def test_resizing_in_any_memory_layout_is_bit_exact(ras_ct, ras_organs, config, layout):
+    """Every axis resized with non-trivial weights (spacing 0.7 x 0.8 x 1.25 mm), an LPS file stored
+    in NIfTI's Fortran order or in C order (as DICOM): equal to the official steps to the bit."""
+    hu = np.asarray(ras_ct.dataobj).astype(np.float32)[::-1, ::-1]  # RAS -> LPS by flips
+    organs = np.asarray(ras_organs)[::-1, ::-1]
+    order = "F" if layout == "fortran" else "C"
+    hu, organs = np.array(hu, order=order), np.array(organs, dtype=np.uint8, order=order)
+    affine = np.diag([-0.7, -0.8, 1.25, 1.0])
+    before = hu.copy()
+    case = preprocess(CTVolume(hu, affine, "lps"), organs, config.preprocess)
+    size = target_size(hu.shape, (0.7, 0.8, 1.25), config.preprocess)
+    assert size == (97, 70, 12)  # every axis resized
+    image, mask = _official_steps(hu, organs, size, config.preprocess)
+    assert case.image.flags.c_contiguous and case.mask.flags.c_contiguous
+    np.testing.assert_array_equal(case.image, image)
+    np.testing.assert_array_equal(case.mask, mask)
+    np.testing.assert_array_equal(hu, before)  # the input is never written
 
 
 def _synthetic_ct(hu: float = -400.0) -> tuple[CTVolume, np.ndarray]:

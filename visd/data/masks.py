@@ -171,15 +171,15 @@ def merge_totalsegmentator(
 def check_organ_labels(labels: np.ndarray, config: ViSDConfig, name: str = "mask") -> np.ndarray:
     """Validate a label map in organ ids (0..len(organs)) and return it as uint8."""
     n = len(config.organs)
-    present = np.unique(labels)
-    bad = [int(v) for v in present if v < 0 or v > n]
-    if bad:
+    lo, hi = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
+    if lo < 0 or hi > n:
+        bad = [int(v) for v in np.unique(labels[(labels < 0) | (labels > n)])]
         ids = ", ".join(f"{i + 1}={o}" for i, o in enumerate(config.organs))
         raise InputError(
             f"organ mask {name} has unknown labels {bad[:20]}. Expected 0 (background) or organ ids {ids}. "
             "Pass mask_format='totalsegmentator' for a TotalSegmentator map, or relabel the mask."
         )
-    if not np.any(present > 0):
+    if hi <= 0:
         raise InputError(
             f"organ mask {name} is empty: it has no voxel of any organ ({', '.join(config.organs)}). "
             "Expected a label map of this CT that covers these organs; check the mask and the scan's body region."

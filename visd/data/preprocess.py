@@ -126,6 +126,41 @@ def _resize(array: np.ndarray, size: tuple[int, int, int], mode: str, dtype: typ
     return F.interpolate(t, size=tuple(int(s) for s in size), mode=mode, **kwargs)[0, 0].numpy()
 
 
+def _resize_dhw(array: np.ndarray, size: tuple[int, int, int], mode: str) -> np.ndarray:
+    """``array`` (X, Y, Z) resized to ``size`` (X, Y, Z), returned as a C-ordered (Z, Y, X) = (D, H, W) array.
+
+    The interpolation is torch's on the (X, Y, Z) tensor, as in the official script (each output
+    voxel is the same float32 expression whatever the memory layout; the axis order is what matters).
+    Input and output are Fortran-ordered (X, Y, Z), the layout NIfTI files store, so no step moves the
+    ~100M voxels of a scan in transposed order: the output written that way *is* the (D, H, W) array
+    in C order. Images are interpolated as float32, organ maps as uint8 (``nearest`` only selects).
+    """
+    uint8 = mode == "nearest" and array.dtype == np.uint8
+    source = np.asfortranarray(array, dtype=np.uint8 if uint8 else np.float32)
+    if tuple(source.shape) == tuple(size):
+        return source.T
+    out = torch.empty(tuple(size)[::-1], dtype=torch.uint8 if uint8 else torch.float32)
+    src, dst = torch.from_numpy(source)[None, None], out.permute(2, 1, 0)[None, None]
+    if mode == "trilinear":
+        torch.ops.aten.upsample_trilinear3d.out(src, list(size), False, None, None, None, out=dst)
+    else:
+        torch.ops.aten.upsample_nearest3d.out(src, list(size), None, None, None, out=dst)
+    return out.numpy()
+
+
+def _box(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """First and last index per axis of the non-zero voxels of ``labels`` (``None`` when there are none)."""
+    inside = labels > 0
+    if not inside.any():
+        return None
+    first, last = [], []
+    for axis in range(inside.ndim):
+        hit = np.flatnonzero(inside.any(axis=tuple(a for a in range(inside.ndim) if a != axis)))
+        first.append(hit[0])
+        last.append(hit[-1])
+    return np.asarray(first), np.asarray(last)
+
+
 def preprocess(ct: CTVolume, organ_mask: np.ndarray, config: PreprocessConfig) -> PreprocessedCase:
     """Apply the official preprocessing to a CT and its organ label map.
 
@@ -153,32 +188,32 @@ def preprocess(ct: CTVolume, organ_mask: np.ndarray, config: PreprocessConfig) -
     spacing = source_spacing(affine)
     size = target_size(plan.target_shape, spacing, config)
 
-    image = _resize(image, size, "trilinear")
-    labels = _resize(labels, size, "nearest")  # torch's legacy nearest: src = floor(dst * in / out)
-    image = np.transpose(image, (2, 1, 0))
-    labels = np.transpose(labels, (2, 1, 0))
-    lo, hi = config.hu_window
-    image = np.clip((image.astype(np.float32, copy=False) - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0)
+    image = _resize_dhw(image, size, "trilinear")  # (D, H, W) from here on
+    labels = _resize_dhw(labels, size, "nearest")  # torch's legacy nearest: src = floor(dst * in / out)
 
-    nonzero = np.argwhere(labels > 0)
-    if nonzero.size == 0:
+    box = _box(labels)
+    if box is None:
         raise InputError(
             f"no organ voxels left in {ct.source} after resizing to {size} (X, Y, Z): the organ box is empty. "
             "Expected a mask with organs of this model; the official script would skip this scan silently."
         )
     margin = np.asarray(config.crop_margin)
-    start = np.maximum(nonzero.min(axis=0) - margin, 0)
-    stop = np.minimum(nonzero.max(axis=0) + margin, labels.shape)  # exclusive, as the official script
-    box = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
-    image, labels = image[box], labels[box]
+    start = np.maximum(box[0] - margin, 0)
+    stop = np.minimum(box[1] + margin, labels.shape)  # exclusive, as the official script
+    crop = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+    lo, hi = config.hu_window
+    image = np.subtract(image[crop], np.float32(lo), dtype=np.float32)  # a new array: the input is never written
+    np.divide(image, np.float32(hi - lo), out=image)
+    np.clip(image, 0.0, 1.0, out=image)
+    labels = labels[crop].astype(np.uint8)
 
     pad = []
     for n, r in zip(image.shape, config.roi):
         total = max(int(r) - int(n), 0)
         pad.append((total // 2, total - total // 2))
-    image = np.pad(image, pad, mode="constant", constant_values=np.float32(config.pad_value))
-    image = image.astype(np.float32, copy=False)
-    labels = np.pad(labels, pad, mode="constant", constant_values=0).astype(np.uint8)
+    if any(any(p) for p in pad):
+        image = np.pad(image, pad, mode="constant", constant_values=np.float32(config.pad_value))
+        labels = np.pad(labels, pad, mode="constant", constant_values=0)
 
     geometry = PreprocessGeometry(
         input_shape=ct.shape,
@@ -193,7 +228,9 @@ def preprocess(ct: CTVolume, organ_mask: np.ndarray, config: PreprocessConfig) -
         final_shape=tuple(int(n) for n in image.shape),  # type: ignore[arg-type]
     )
     logger.debug("preprocessed %s: %s -> %s, crop %s:%s, pad %s", ct.source, ct.shape, size, start, stop, pad)
-    return PreprocessedCase(image=np.ascontiguousarray(image), mask=np.ascontiguousarray(labels), geometry=geometry)
+    return PreprocessedCase(
+        image=np.ascontiguousarray(image, dtype=np.float32), mask=np.ascontiguousarray(labels), geometry=geometry
+    )
 
 
 def to_input_grid(
