@@ -76,16 +76,24 @@ def _write_cases(folder):
 
 
 @pytest.fixture(scope="module")
-def batch(tmp_path_factory, model_dir):
+def manifest(tmp_path_factory):
     folder = tmp_path_factory.mktemp("batch")
     rows = _write_cases(folder)
     (folder / "cases.csv").write_text("image,mask\n" + "".join(f"{i},{m}\n" for i, m in rows))
-    out = folder / "out"
-    proc = _visd(
-        "diagnose", "--manifest", folder / "cases.csv", "--model", model_dir, "--out", out / "results.csv",
-        "--json", out / "results.json", "--embeddings", out / "emb.safetensors", "--anomaly-maps", out / "maps",
+    return folder / "cases.csv"
+
+
+def _run_batch(manifest, model_dir, out, *extra):
+    return _visd(
+        "diagnose", "--manifest", manifest, "--model", model_dir, "--out", out / "results.csv",
+        "--json", out / "results.json", "--embeddings", out / "emb.safetensors", "--anomaly-maps", out / "maps", *extra,
     )
-    return proc, out
+
+
+@pytest.fixture(scope="module")
+def batch(manifest, model_dir):
+    out = manifest.parent / "out"
+    return _run_batch(manifest, model_dir, out), out
 
 
 def test_exit_code_1_and_the_good_case_finishes(batch, reference):
@@ -126,6 +134,21 @@ def test_json_embeddings_and_maps_of_the_batch(batch):
     assert sorted(p.name for p in (out / "maps").iterdir()) == ["abdomen_3mm_anomaly.nii.gz", "abdomen_3mm_anomaly.png"]
 
 
+def test_worker_processes_give_the_same_tables_files_and_messages(batch, manifest, model_dir):
+    proc, out = batch
+    out2 = manifest.parent / "out_workers"
+    proc2 = _run_batch(manifest, model_dir, out2, "--workers", "2")
+    assert proc2.returncode == 1 and "Traceback" not in proc2.stderr, proc2.stderr
+    assert (out2 / "results.csv").read_text() == (out / "results.csv").read_text()
+    assert json.loads((out2 / "results.json").read_text()) == json.loads((out / "results.json").read_text())
+    np.testing.assert_array_equal(load_embeddings(out2 / "emb.safetensors").embeddings,
+                                  load_embeddings(out / "emb.safetensors").embeddings)
+    skipped = [sorted(m.split("\r")[-1] for m in p.stderr.split("\n") if "skipped scan" in m) for p in (proc, proc2)]
+    assert skipped[0] == skipped[1] and len(skipped[0]) == len(EXPECTED_ERRORS)
+    maps = [nib.load(o / "maps" / "abdomen_3mm_anomaly.nii.gz").get_fdata() for o in (out, out2)]
+    np.testing.assert_array_equal(maps[0], maps[1])
+
+
 def test_unreadable_model_folder_aborts_with_exit_code_2(tmp_path, model_dir):
     bad = tmp_path / "broken-model"
     shutil.copytree(model_dir, bad)
@@ -144,6 +167,7 @@ def test_unreadable_model_folder_aborts_with_exit_code_2(tmp_path, model_dir):
         ([], "no scans given"),
         (["a.nii.gz", "--mask", "m.nii.gz", "--manifest", "cases.csv"], "either --manifest or INPUT"),
         (["--manifest", "nowhere.csv"], "manifest not found"),
+        (["a.nii.gz", "--mask", "m.nii.gz", "--workers", "-1"], "--workers must be 0 or more"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(args, expected, tmp_path, capsys):

@@ -162,12 +162,14 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     assert path.read_text() == "new\n" and [p.name for p in tmp_path.iterdir()] == ["t.csv"]
 
 
-def test_loaded_scans_yaml_findings_and_extra_organ_embeddings(model, model_dir, real_case, tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_loaded_scans_yaml_findings_and_extra_organ_embeddings(model, model_dir, real_case, tmp_path, num_workers):
     (tmp_path / "f.yaml").write_text(
         "- organ: lung\n  name: Emphysema\n  negative: [Not Emphysema., No emphysema.]\n  positive: Emphysema.\n"
     )
     report = diagnose([read_ct(CT)], [nib.load(SEG)], str(model_dir),
-                      findings=tmp_path / "f.yaml", embeddings_path=tmp_path / "e.safetensors", progress=False)
+                      findings=tmp_path / "f.yaml", embeddings_path=tmp_path / "e.safetensors", progress=False,
+                      num_workers=num_workers)
     ensemble = ("lung", "Emphysema", ["Not Emphysema.", "No emphysema."], "Emphysema.")
     expected = model.zero_shot_classify(real_case.image, real_case.mask, findings=[ensemble])
     assert report.scans == ("abdomen_3mm",)
@@ -184,7 +186,7 @@ def test_segment_dir_runs_totalsegmentator_for_missing_masks(model, reference, t
         out_dir.mkdir(parents=True)
         return shutil.copy(SEG, out_dir / "totalsegmentator.nii.gz")
 
-    monkeypatch.setattr("visd.zero_shot.pipeline.segment", fake_segment)
+    monkeypatch.setattr("visd.zero_shot.loading.segment", fake_segment)
     report = diagnose([CT], [None], model, segment_dir=tmp_path / "seg", progress=False, scan_ids=["a"])
     assert calls == [(CT, tmp_path / "seg" / "a", False)]  # statistics off
     np.testing.assert_allclose(_probabilities(report, "a"), [s.probability for s in reference.scores], atol=1e-6)
@@ -201,6 +203,8 @@ def test_argument_errors_are_raised_before_any_work(model):
         diagnose([CT, CT], [SEG, SEG], model, scan_ids=["a", "a"], progress=False)
     with pytest.raises(InputError, match="Did you mean 'lung'"):
         diagnose([CT], [SEG], model, findings=[("lungs", "X", "a", "b")], progress=False)
+    with pytest.raises(InputError, match="num_workers must be an integer >= 0, got -1"):
+        diagnose([CT], [SEG], model, num_workers=-1, progress=False)
 
 
 def test_scan_ids(tmp_path):

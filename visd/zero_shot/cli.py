@@ -56,6 +56,9 @@ def add_diagnose_parser(subparsers) -> argparse.ArgumentParser:
                    "visd turns them off (send_usage_stats=false in TotalSegmentator's config)")
     p.add_argument("--segment-dir", default=None, metavar="DIR",
                    help="where --segment writes masks (default: 'segmentations' next to --out)")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="read and preprocess scans in N worker processes, ahead of the model (default 0: in "
+                   "the main process); helps when reading takes as long as the model, as on a GPU")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_diagnose)
     return p
@@ -134,6 +137,8 @@ def run_diagnose(args: argparse.Namespace) -> int:
             masks = list(args.mask)
         else:
             masks = [None] * len(inputs)
+    if args.workers < 0:
+        raise InputError(f"--workers must be 0 or more, got {args.workers}. Use 0 to read scans in the main process.")
     if any(m is None for m in masks) and not args.segment:
         raise InputError(
             "no organ mask for some scans. Pass one --mask per INPUT (TotalSegmentator output or organ ids), "
@@ -156,7 +161,7 @@ def run_diagnose(args: argparse.Namespace) -> int:
         report = diagnose(
             inputs, masks, model, findings=findings, mask_format=args.mask_format,
             anomaly_maps_dir=args.anomaly_maps, embeddings_path=args.embeddings,
-            progress=not args.no_progress, scan_ids=scan_ids, segment_dir=segment_dir,
+            progress=not args.no_progress, scan_ids=scan_ids, segment_dir=segment_dir, num_workers=args.workers,
         )
     written = [str(report.to_csv(args.out))]
     if args.json:

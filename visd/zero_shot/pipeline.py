@@ -19,14 +19,7 @@ import nibabel as nib
 import numpy as np
 
 from visd.config import FindingSpec
-from visd.data import (
-    CTVolume,
-    PreprocessedCase,
-    preprocess,
-    read_ct,
-    read_organ_mask,
-    segment,
-)
+from visd.data import CTVolume
 from visd.data.io import NIFTI_SUFFIXES
 from visd.data.masks import MASK_FORMATS
 from visd.errors import InputError, did_you_mean
@@ -35,6 +28,7 @@ from visd.models.outputs import OrganEmbeddings
 
 from .anomaly import anomaly_map, write_anomaly_map
 from .findings import FindingLike, as_findings, load_findings
+from .loading import iter_cases
 from .report import ERROR_PREFIX, DiagnosisReport
 
 __all__ = ["diagnose", "scan_ids_for"]
@@ -58,6 +52,7 @@ def diagnose(
     progress: bool = True,
     scan_ids: Sequence[str] | None = None,
     segment_dir: str | os.PathLike | None = None,
+    num_workers: int = 0,
 ) -> DiagnosisReport:
     """Zero-shot findings for each scan, by the official per-volume procedure.
 
@@ -79,6 +74,10 @@ def diagnose(
         segment_dir: compute missing masks with TotalSegmentator (:func:`visd.data.segment`) into
             ``<segment_dir>/<scan>/``. TotalSegmentator sends usage statistics unless turned off; visd
             turns them off.
+        num_workers: read and preprocess scans in this many worker processes, ahead of the model
+            (default 0: in this process, one scan at a time). Worth it when reading and resampling take
+            as long as the model, as on a GPU; up to ``num_workers`` preprocessed scans wait in memory.
+            Results are the same either way (:mod:`visd.zero_shot.loading`).
 
     Returns:
         A :class:`~visd.zero_shot.DiagnosisReport`; ``report.failed`` lists the skipped scans.
@@ -116,22 +115,31 @@ def diagnose(
 
     from tqdm.auto import tqdm
 
+    loaded = iter_cases(
+        ids, sources, mask_list, model.config, mask_format=mask_format, segment_dir=segment_dir, num_workers=num_workers
+    )
     bar = tqdm(total=len(sources), desc="visd diagnose", unit="scan", file=sys.stderr, disable=not progress)
+
+    def skip(scan: str, reason: str) -> None:
+        logger.warning("skipped scan %r: %s", scan, reason)
+        report.failed.append((scan, reason))
+        report.records.extend(_record(scan, s.organ, s.name, float("nan"), ERROR_PREFIX + reason) for s in specs)
+        bar.update(1)
+
     try:
-        for n, (scan, source, mask) in enumerate(zip(ids, sources, mask_list)):
+        for n, item in enumerate(loaded):
+            scan, case = item.scan, item.case
             bar.set_postfix_str(scan[:30], refresh=False)
+            if case is None:
+                skip(scan, item.error or "unreadable")
+                continue
             try:
-                case = _load(source, mask, model, mask_format, segment_dir, scan)
                 result = model.zero_shot_classify(case.image, case.mask, findings=specs)
                 organ_emb = result.embeddings
                 if extra:
                     organ_emb = _merge(organ_emb, model.encode_image(case.image, case.mask, organs=extra))
             except InputError as e:
-                reason = " ".join(str(e).split())
-                logger.warning("skipped scan %r: %s", scan, reason)
-                report.failed.append((scan, reason))
-                report.records += [_record(scan, s.organ, s.name, float("nan"), ERROR_PREFIX + reason) for s in specs]
-                bar.update(1)
+                skip(scan, " ".join(str(e).split()))
                 continue
             report.records += [_record(scan, s.organ, s.finding, s.probability, s.status) for s in result.scores]
             for row, organ in enumerate(organ_emb.organs):
@@ -174,28 +182,6 @@ def _as_specs(findings: Any, model: ViSDModel) -> list[FindingSpec]:
     if isinstance(findings, (str, os.PathLike)):
         return load_findings(findings, model.organs)
     return as_findings(findings, model.organs)
-
-
-def _load(
-    source: Any, mask: Any, model: ViSDModel, mask_format: str, segment_dir: Any, scan: str
-) -> PreprocessedCase:
-    """Read, check and preprocess one case; every problem with the data raises :class:`InputError`."""
-    ct = source if isinstance(source, CTVolume) else read_ct(source)
-    if mask is None:
-        if segment_dir is None:
-            raise InputError(
-                f"no organ mask for scan {scan!r}. Pass its TotalSegmentator output or organ label map "
-                "(--mask), or let visd run TotalSegmentator (--segment / segment_dir=)."
-            )
-        if not isinstance(source, (str, os.PathLike)):
-            raise InputError(
-                f"cannot segment scan {scan!r} given as {type(source).__name__}: TotalSegmentator reads files. "
-                "Pass the NIfTI file or DICOM folder, or a mask."
-            )
-        mask = segment(source, Path(segment_dir) / scan)
-        mask_format = "totalsegmentator"
-    organ_mask = read_organ_mask(mask, ct, model.config, mask_format=mask_format)
-    return preprocess(ct, organ_mask, model.config.preprocess)
 
 
 def _merge(first: OrganEmbeddings, second: OrganEmbeddings) -> OrganEmbeddings:

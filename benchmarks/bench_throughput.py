@@ -1,0 +1,85 @@
+"""Scans per second of ``visd.zero_shot.diagnose`` over chest-CT files, with and without DataLoader
+workers that read and preprocess the next scans while the model runs.
+
+The scans are written once into ``--data`` (default: a temporary folder): gzip NIfTI files, int16
+Hounsfield units, 480 x 480 x 480 voxels of 1 x 1 x 1.5 mm (the synthetic chest volume of
+``bench_volume.py`` at twice the slice count), with their organ label maps; preprocessing turns each
+into a ~200 x 490 x 430 model input. Each ``--workers`` value is one timed run of all scans (the model
+and prompt embeddings are loaded before the clock starts), recorded as a row; the time to read and
+preprocess one scan in this process is in the note::
+
+    python benchmarks/bench_throughput.py --scans 3 --workers 0 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from _common import chest_volume, full_size_model, peak_gpu_gb, peak_rss_gb, record, set_mode, timed
+
+SPACING = (1.0, 1.0, 1.5)  # x, y, z in mm
+
+
+def write_scans(folder: Path, count: int) -> list[tuple[Path, Path]]:
+    """``count`` chest scans (distinct noise) and their visd label maps as ``.nii.gz`` in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    affine = np.diag([-SPACING[0], -SPACING[1], SPACING[2], 1.0])  # array axes (x, y, z) run L, P, S
+    pairs = []
+    for i in range(count):
+        ct, seg = folder / f"chest_{i}.nii.gz", folder / f"chest_{i}_organs.nii.gz"
+        if not (ct.is_file() and seg.is_file()):
+            image, mask = chest_volume(seed=i)  # (D, H, W) at 3 x 1 x 1 mm
+            hu = (image.numpy() * 1500.0 - 1150.0).astype(np.int16).transpose(2, 1, 0).repeat(2, axis=2)
+            labels = mask.numpy().transpose(2, 1, 0).repeat(2, axis=2)
+            nib.save(nib.Nifti1Image(labels, affine), seg)
+            nib.save(nib.Nifti1Image(hu, affine), ct)
+        pairs.append((ct, seg))
+    return pairs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scans", type=int, default=3)
+    ap.add_argument("--workers", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--mode", default="fast")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--data", type=Path, default=None, help="folder for the scan files (kept; default: temporary)")
+    args = ap.parse_args()
+    from visd.zero_shot import diagnose
+    from visd.zero_shot.loading import load_case
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pairs = write_scans(args.data or Path(tmp), args.scans)
+        model = full_size_model(args.device)
+        set_mode(model, args.mode)
+        model.prompt_embeddings(list(model.config.findings))  # cached: the clock measures scans only
+        start = time.perf_counter()
+        case = load_case(pairs[0][0], pairs[0][1], model.config, "visd", None, "chest_0")
+        load_s = time.perf_counter() - start
+        shape = "x".join(map(str, case.image.shape))
+        del case
+        for workers in args.workers:
+            run = lambda: diagnose([c for c, _ in pairs], [s for _, s in pairs], model,  # noqa: E731
+                                   mask_format="visd", progress=False, num_workers=workers)
+            report, seconds = timed(run)
+            if report.failed:
+                raise SystemExit(f"scans failed: {report.failed}")
+            peak = peak_gpu_gb() if args.device == "cuda" else peak_rss_gb()
+            child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+            note = (f"{args.device}, {args.scans / seconds:.3f} scans/s, reading + preprocessing {load_s:.1f} s "
+                    f"per scan in-process (model input {shape}); largest worker peak {child:.2f} GiB")
+            record(f"diagnose {args.scans} scans 480x480x480 .nii.gz", f"{args.mode}, workers {workers}", seconds,
+                   peak, note, "python benchmarks/bench_throughput.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Reading and preprocessing the scans of a batch run, in this process or in worker processes.
+
+Reading a scan (gzip NIfTI, a DICOM series), merging its organ labels and resampling it take seconds per
+scan, as long as the model itself on a GPU. With ``num_workers > 0`` a ``torch.utils.data.DataLoader``
+does that work in worker processes, ``num_workers`` scans ahead of the model, in input order. A scan
+that cannot be read yields the reason instead of a case, as it does in this process, so one bad file
+never stops the run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from visd.config import ViSDConfig
+from visd.data import (
+    CTVolume,
+    PreprocessedCase,
+    preprocess,
+    read_ct,
+    read_organ_mask,
+    segment,
+)
+from visd.errors import InputError
+
+__all__ = ["LoadedCase", "iter_cases", "load_case"]
+
+
+@dataclass
+class LoadedCase:
+    """One scan of a batch run: its preprocessed ``case``, or the ``error`` that made it skipped."""
+
+    scan: str
+    case: PreprocessedCase | None = None
+    error: str | None = None
+
+
+def load_case(
+    source: Any, mask: Any, config: ViSDConfig, mask_format: str, segment_dir: Any, scan: str
+) -> PreprocessedCase:
+    """Read, check and preprocess one scan; every problem with the data raises :class:`InputError`."""
+    ct = source if isinstance(source, CTVolume) else read_ct(source)
+    if mask is None:
+        if segment_dir is None:
+            raise InputError(
+                f"no organ mask for scan {scan!r}. Pass its TotalSegmentator output or organ label map "
+                "(--mask), or let visd run TotalSegmentator (--segment / segment_dir=)."
+            )
+        if not isinstance(source, (str, os.PathLike)):
+            raise InputError(
+                f"cannot segment scan {scan!r} given as {type(source).__name__}: TotalSegmentator reads files. "
+                "Pass the NIfTI file or DICOM folder, or a mask."
+            )
+        mask = segment(source, Path(segment_dir) / scan)
+        mask_format = "totalsegmentator"
+    organ_mask = read_organ_mask(mask, ct, config, mask_format=mask_format)
+    return preprocess(ct, organ_mask, config.preprocess)
+
+
+class _Cases(torch.utils.data.Dataset):
+    """The scans of a run as a map-style dataset of :class:`LoadedCase` (picklable for any start method)."""
+
+    def __init__(
+        self, scans: Sequence[str], sources: Sequence[Any], masks: Sequence[Any], config: ViSDConfig,
+        mask_format: str, segment_dir: Any,
+    ) -> None:
+        self.scans, self.sources, self.masks = list(scans), list(sources), list(masks)
+        self.config, self.mask_format, self.segment_dir = config, mask_format, segment_dir
+
+    def __len__(self) -> int:
+        return len(self.scans)
+
+    def __getitem__(self, i: int) -> LoadedCase:
+        scan = self.scans[i]
+        try:
+            case = load_case(self.sources[i], self.masks[i], self.config, self.mask_format, self.segment_dir, scan)
+        except InputError as e:
+            return LoadedCase(scan, error=" ".join(str(e).split()))
+        return LoadedCase(scan, case=case)
+
+
+def _as_is(item: LoadedCase) -> LoadedCase:
+    return item
+
+
+def iter_cases(
+    scans: Sequence[str],
+    sources: Sequence[Any],
+    masks: Sequence[Any],
+    config: ViSDConfig,
+    *,
+    mask_format: str = "auto",
+    segment_dir: Any = None,
+    num_workers: int = 0,
+) -> Iterator[LoadedCase]:
+    """The scans read and preprocessed, in input order (arguments are checked at once, scans read lazily).
+
+    Args:
+        num_workers: worker processes that load scans ahead of the consumer (0: load each scan in this
+            process when it is asked for). Each worker holds one scan ahead, so up to ``num_workers``
+            preprocessed scans wait in memory besides the one in use. With ``segment_dir``, each worker
+            runs its own TotalSegmentator for scans without a mask.
+    """
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise InputError(f"num_workers must be an integer >= 0, got {num_workers!r}. Use 0 to load in this process.")
+    dataset = _Cases(scans, sources, masks, config, mask_format, segment_dir)
+    if num_workers == 0 or len(dataset) == 0:
+        return (dataset[i] for i in range(len(dataset)))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, shuffle=False, num_workers=min(num_workers, len(dataset)),
+        collate_fn=_as_is, prefetch_factor=1,
+    )
+    return iter(loader)
