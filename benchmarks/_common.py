@@ -158,6 +158,34 @@ def chest_volume(shape=(240, 480, 480), seed: int = 0):
     ], seed)
 
 
+CHEST_SCAN_SPACING = (1.0, 1.0, 1.5)  # x, y, z in mm
+
+
+def chest_scan_files(folder: Path, count: int) -> list[tuple[Path, Path]]:
+    """``count`` chest scans and their visd label maps as ``.nii.gz`` files in ``folder`` (kept if present).
+
+    Each is the synthetic chest volume of :func:`chest_volume` (seed ``i``) as int16 Hounsfield units,
+    480 x 480 x 480 voxels of 1 x 1 x 1.5 mm (each 3 mm slice twice), LPS-ordered.
+    """
+    import nibabel as nib
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sx, sy, sz = CHEST_SCAN_SPACING
+    affine = np.diag([-sx, -sy, sz, 1.0])  # array axes (x, y, z) run L, P, S
+    pairs = []
+    for i in range(count):
+        ct, seg = folder / f"chest_{i}.nii.gz", folder / f"chest_{i}_organs.nii.gz"
+        if not (ct.is_file() and seg.is_file()):
+            image, mask = chest_volume(seed=i)  # (D, H, W) at 3 x 1 x 1 mm
+            hu = (image.numpy() * 1500.0 - 1150.0).astype(np.int16).transpose(2, 1, 0).repeat(2, axis=2)
+            labels = mask.numpy().transpose(2, 1, 0).repeat(2, axis=2)
+            nib.save(nib.Nifti1Image(labels, affine), seg)
+            nib.save(nib.Nifti1Image(hu, affine), ct)
+        pairs.append((ct, seg))
+    return pairs
+
+
 def window_inputs(seed: int = 0):
     """One 112 x 256 x 352 window holding the 4 organs whole (as the reference window case)."""
     return _phantom((112, 256, 352), [

@@ -4,7 +4,8 @@ workers that read and preprocess the next scans while the model runs.
 The scans are written once into ``--data`` (default: a temporary folder): gzip NIfTI files, int16
 Hounsfield units, 480 x 480 x 480 voxels of 1 x 1 x 1.5 mm (the synthetic chest volume of
 ``bench_volume.py`` at twice the slice count), with their organ label maps; preprocessing turns each
-into a ~200 x 490 x 430 model input. Each ``--workers`` value is one timed run of all scans (the model
+into a 186 x 480 x 424 model input. On a CPU-only machine the workers compete with the model for the
+cores; they are for a GPU, or a CPU with cores to spare. Each ``--workers`` value is one timed run of all scans (the model
 and prompt embeddings are loaded before the clock starts), recorded as a row; the time to read and
 preprocess one scan in this process is in the note::
 
@@ -14,36 +15,15 @@ preprocess one scan in this process is in the note::
 from __future__ import annotations
 
 import argparse
-import resource
+import functools
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import torch
 
-from _common import chest_volume, full_size_model, peak_gpu_gb, peak_rss_gb, record, set_mode, timed
-
-SPACING = (1.0, 1.0, 1.5)  # x, y, z in mm
-
-
-def write_scans(folder: Path, count: int) -> list[tuple[Path, Path]]:
-    """``count`` chest scans (distinct noise) and their visd label maps as ``.nii.gz`` in ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    affine = np.diag([-SPACING[0], -SPACING[1], SPACING[2], 1.0])  # array axes (x, y, z) run L, P, S
-    pairs = []
-    for i in range(count):
-        ct, seg = folder / f"chest_{i}.nii.gz", folder / f"chest_{i}_organs.nii.gz"
-        if not (ct.is_file() and seg.is_file()):
-            image, mask = chest_volume(seed=i)  # (D, H, W) at 3 x 1 x 1 mm
-            hu = (image.numpy() * 1500.0 - 1150.0).astype(np.int16).transpose(2, 1, 0).repeat(2, axis=2)
-            labels = mask.numpy().transpose(2, 1, 0).repeat(2, axis=2)
-            nib.save(nib.Nifti1Image(labels, affine), seg)
-            nib.save(nib.Nifti1Image(hu, affine), ct)
-        pairs.append((ct, seg))
-    return pairs
+from _common import chest_scan_files, full_size_model, peak_gpu_gb, peak_rss_gb, record, set_mode, timed
 
 
 def main() -> None:
@@ -58,7 +38,7 @@ def main() -> None:
     from visd.zero_shot.loading import load_case
 
     with tempfile.TemporaryDirectory() as tmp:
-        pairs = write_scans(args.data or Path(tmp), args.scans)
+        pairs = chest_scan_files(args.data or Path(tmp), args.scans)
         model = full_size_model(args.device)
         set_mode(model, args.mode)
         model.prompt_embeddings(list(model.config.findings))  # cached: the clock measures scans only
@@ -68,15 +48,15 @@ def main() -> None:
         shape = "x".join(map(str, case.image.shape))
         del case
         for workers in args.workers:
-            run = lambda: diagnose([c for c, _ in pairs], [s for _, s in pairs], model,  # noqa: E731
-                                   mask_format="visd", progress=False, num_workers=workers)
-            report, seconds = timed(run)
+            report, seconds = timed(functools.partial(
+                diagnose, [c for c, _ in pairs], [s for _, s in pairs], model,
+                mask_format="visd", progress=False, num_workers=workers,
+            ))
             if report.failed:
                 raise SystemExit(f"scans failed: {report.failed}")
             peak = peak_gpu_gb() if args.device == "cuda" else peak_rss_gb()
-            child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
             note = (f"{args.device}, {args.scans / seconds:.3f} scans/s, reading + preprocessing {load_s:.1f} s "
-                    f"per scan in-process (model input {shape}); largest worker peak {child:.2f} GiB")
+                    f"per scan in-process (model input {shape}); peak memory of the main process")
             record(f"diagnose {args.scans} scans 480x480x480 .nii.gz", f"{args.mode}, workers {workers}", seconds,
                    peak, note, "python benchmarks/bench_throughput.py " + " ".join(sys.argv[1:]))
 
