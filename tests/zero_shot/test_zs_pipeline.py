@@ -212,3 +212,16 @@ def test_scan_ids(tmp_path):
         "a_ct", "b_ct", "other", "series1"]
     assert scan_ids_for(["x/ct.nii.gz", "x/ct.nii"]) == ["x_ct", "x_ct-2"]
     assert scan_ids_for([nib.Nifti1Image(np.zeros((2, 2, 2)), np.eye(4)), str(CT)]) == ["scan_1", "abdomen_3mm"]
+
+
+def test_the_scan_list_pickles_for_spawned_workers(model, real_case):
+    """With the ``spawn`` start method (macOS, Windows) DataLoader workers get the scan list by pickle."""
+    import pickle
+
+    from visd.zero_shot.loading import _Cases
+
+    cases = pickle.loads(pickle.dumps(_Cases(["a", "b"], [CT, CT], [SEG, None], model.config, "auto", None)))
+    good, bad = cases[0], cases[1]
+    np.testing.assert_array_equal(good.case.image, real_case.image)
+    np.testing.assert_array_equal(good.case.mask, real_case.mask)
+    assert good.error is None and bad.case is None and "no organ mask for scan 'b'" in bad.error
