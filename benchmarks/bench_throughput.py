@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=None, help="folder for the scan files (kept; default: temporary)")
     args = ap.parse_args()
     from visd.zero_shot import diagnose
-    from visd.zero_shot.loading import load_case
+    from visd.data import load_case
 
     with tempfile.TemporaryDirectory() as tmp:
         pairs = chest_scan_files(args.data or Path(tmp), args.scans)
@@ -43,7 +43,7 @@ def main() -> None:
         set_mode(model, args.mode)
         model.prompt_embeddings(list(model.config.findings))  # cached: the clock measures scans only
         start = time.perf_counter()
-        case = load_case(pairs[0][0], pairs[0][1], model.config, "visd", None, "chest_0")
+        case = load_case(pairs[0][0], pairs[0][1], model.config, mask_format="visd")
         load_s = time.perf_counter() - start
         shape = "x".join(map(str, case.image.shape))
         del case

@@ -58,7 +58,7 @@ def add_diagnose_parser(subparsers) -> argparse.ArgumentParser:
                    help="where --segment writes masks (default: 'segmentations' next to --out)")
     p.add_argument("--workers", type=int, default=0, metavar="N",
                    help="read and preprocess scans in N worker processes, ahead of the model (default 0: in "
-                   "the main process); helps when reading takes as long as the model, as on a GPU")
+                   "the main process); for a GPU, or a CPU with cores the model leaves free")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_diagnose)
     return p

@@ -1,8 +1,9 @@
 """Reading and preprocessing the scans of a batch run, in this process or in worker processes.
 
-Reading a scan (gzip NIfTI, a DICOM series), merging its organ labels and resampling it take seconds per
-scan, as long as the model itself on a GPU. With ``num_workers > 0`` a ``torch.utils.data.DataLoader``
-does that work in worker processes, ``num_workers`` scans ahead of the model, in input order. A scan
+Reading a scan (gzip NIfTI, a DICOM series), checking its organ labels and resampling it take seconds
+per scan (2.7 s for a 480 x 480 x 480 chest ``.nii.gz`` on a 2-core CPU), time a GPU would spend
+waiting. With ``num_workers > 0`` a ``torch.utils.data.DataLoader`` does that work in worker
+processes, ``num_workers`` scans ahead of the model, in input order. A scan
 that cannot be read yields the reason instead of a case, as it does in this process, so one bad file
 never stops the run.
 """
@@ -28,7 +29,7 @@ from visd.data import (
 )
 from visd.errors import InputError
 
-__all__ = ["LoadedCase", "iter_cases", "load_case"]
+__all__ = ["LoadedCase", "iter_cases", "load_scan"]
 
 
 @dataclass
@@ -40,7 +41,7 @@ class LoadedCase:
     error: str | None = None
 
 
-def load_case(
+def load_scan(
     source: Any, mask: Any, config: ViSDConfig, mask_format: str, segment_dir: Any, scan: str
 ) -> PreprocessedCase:
     """Read, check and preprocess one scan; every problem with the data raises :class:`InputError`."""
@@ -78,7 +79,7 @@ class _Cases(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> LoadedCase:
         scan = self.scans[i]
         try:
-            case = load_case(self.sources[i], self.masks[i], self.config, self.mask_format, self.segment_dir, scan)
+            case = load_scan(self.sources[i], self.masks[i], self.config, self.mask_format, self.segment_dir, scan)
         except InputError as e:
             return LoadedCase(scan, error=" ".join(str(e).split()))
         return LoadedCase(scan, case=case)

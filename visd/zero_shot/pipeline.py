@@ -75,9 +75,10 @@ def diagnose(
             ``<segment_dir>/<scan>/``. TotalSegmentator sends usage statistics unless turned off; visd
             turns them off.
         num_workers: read and preprocess scans in this many worker processes, ahead of the model
-            (default 0: in this process, one scan at a time). Worth it when reading and resampling take
-            as long as the model, as on a GPU; up to ``num_workers`` preprocessed scans wait in memory.
-            Results are the same either way (:mod:`visd.zero_shot.loading`).
+            (default 0: in this process, one scan at a time). Worth it when the model leaves CPU cores
+            free, as on a GPU; on a CPU-only machine the workers take cores from the model. Up to
+            ``num_workers`` preprocessed scans wait in memory. Results are the same either way
+            (:mod:`visd.zero_shot.loading`).
 
     Returns:
         A :class:`~visd.zero_shot.DiagnosisReport`; ``report.failed`` lists the skipped scans.
