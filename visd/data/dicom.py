@@ -132,9 +132,10 @@ def _assemble(folder: Path, slices: list) -> CTVolume:
     positions, along = positions[order], along[order]
     _check_steps(folder, [f for f, _ in slices], along)
 
+    # (X=column, Y=row, Z=slice), Fortran-ordered: each slice's (row, column) pixels are one contiguous block
+    array = np.empty((cols, rows, len(slices)), dtype=np.float32, order="F")
     try:
-        planes = []
-        for f, ds in slices:
+        for k, (f, ds) in enumerate(slices):
             stored = np.asarray(ds.pixel_array)
             if stored.shape != (rows, cols):
                 raise InputError(
@@ -143,7 +144,7 @@ def _assemble(folder: Path, slices: list) -> CTVolume:
                 )
             slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
             intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-            planes.append((stored.astype(np.float64) * slope + intercept).astype(np.float32).T)
+            array[:, :, k] = (stored.astype(np.float64) * slope + intercept).T  # float64, then rounded to float32
     except InputError:
         raise
     except (OSError, EOFError, ValueError, AttributeError, NotImplementedError, RuntimeError) as e:
@@ -151,7 +152,6 @@ def _assemble(folder: Path, slices: list) -> CTVolume:
             f"cannot decode the pixel data of {f}: {type(e).__name__}: {e}. The file is damaged or uses a "
             "compression pydicom cannot decode here; install pylibjpeg/gdcm or convert the series with dcm2niix."
         ) from e
-    array = np.stack(planes, axis=-1)  # (X=column, Y=row, Z=slice)
 
     lps = np.eye(4)
     lps[:3, 0] = row_dir * spacing[1]  # along a row: increasing column index, step = column spacing
