@@ -105,13 +105,16 @@ def test_4d_image(tmp_path):
         read_ct(path)
 
 
-def test_nan_voxels(tmp_path):
+@pytest.mark.parametrize("values", [(np.nan, np.nan), (np.inf, -np.inf), (np.inf, 5.0), (-np.inf, -np.inf)])
+def test_nan_voxels(tmp_path, values):
     data = np.zeros((8, 8, 8), np.float32)
-    data[1, 2, 3] = np.nan
-    data[4, 4, 4] = np.nan
+    data[1, 2, 3], data[4, 4, 4] = values
     path = save_nifti(data, np.eye(4), tmp_path / "nan.nii.gz")
-    with pytest.raises(InputError, match=r"nan.nii.gz has 2 non-finite .* index \(1, 2, 3\)"):
+    count = sum(not np.isfinite(v) for v in values)
+    with pytest.raises(InputError, match=rf"nan.nii.gz has {count} non-finite .* index \(1, 2, 3\)"):
         read_ct(path)
+    data[1, 2, 3], data[4, 4, 4] = 3.0e38, 3.0e38  # finite, though their sum is not in float32
+    assert read_ct(save_nifti(data, np.eye(4), tmp_path / "big.nii.gz")).array_hu.max() == np.float32(3.0e38)
 
 
 def test_singular_affine(tmp_path):

@@ -172,9 +172,11 @@ def _volume(array: np.ndarray, affine: np.ndarray, name: str) -> CTVolume:
     array = _as_3d(np.asarray(array), name)
     if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
         raise InputError(f"{name} holds {array.dtype} voxels. Expected real numbers in Hounsfield units.")
+    integer = np.issubdtype(array.dtype, np.integer)  # always finite
     array = array.astype(np.float32, copy=False)
-    bad = ~np.isfinite(array)
-    if bad.any():
+    with np.errstate(invalid="ignore", over="ignore"):  # inf + -inf: the element-wise check says which
+        bad = None if integer or np.isfinite(array.sum(dtype=np.float64)) else ~np.isfinite(array)
+    if bad is not None and bad.any():
         first = tuple(int(i) for i in np.argwhere(bad)[0])
         raise InputError(
             f"{name} has {int(bad.sum())} non-finite (NaN/inf) voxels, the first at index {first}. "
