@@ -1,7 +1,7 @@
 """Reading and preprocessing the scans of a batch run, in this process or in worker processes.
 
 Reading a scan (gzip NIfTI, a DICOM series), checking its organ labels and resampling it take seconds
-per scan (2.7 s for a 480 x 480 x 480 chest ``.nii.gz`` on a 2-core CPU), time a GPU would spend
+per scan (2.6 s for a 480 x 480 x 480 chest ``.nii.gz`` on a 2-core CPU), time a GPU would spend
 waiting. With ``num_workers > 0`` a ``torch.utils.data.DataLoader`` does that work in worker
 processes, ``num_workers`` scans ahead of the model, in input order. A scan
 that cannot be read yields the reason instead of a case, as it does in this process, so one bad file
