@@ -149,6 +149,29 @@ def test_worker_processes_give_the_same_tables_files_and_messages(batch, manifes
     np.testing.assert_array_equal(maps[0], maps[1])
 
 
+def test_resume_takes_the_finished_scans_from_the_journal(tmp_path, model, model_dir):
+    from visd.zero_shot import diagnose
+
+    from .conftest import CT_LPS, SEG_LPS
+
+    out = tmp_path / "r.csv"
+    journal = tmp_path / "r.csv.journal"
+    args = ["diagnose", CT, CT_LPS, "--mask", SEG, "--mask", SEG_LPS, "--model", model_dir, "--out", out, "--no-progress"]
+    proc = _visd(*args, "--resume")
+    assert proc.returncode == 2 and f"no journal of an interrupted run at {journal}" in proc.stderr
+    diagnose([CT], [SEG], model, journal=journal, progress=False)  # as a run that stopped after the first scan
+    proc = _visd(*args, "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert "diagnosed 2 scan(s): 2 ok (1 taken from the journal), 0 failed" in proc.stdout
+    assert not journal.exists()  # removed once every output is written
+    resumed = pd.read_csv(out)
+    proc = _visd(*args)
+    assert proc.returncode == 0 and "taken from the journal" not in proc.stdout and not journal.exists()
+    fresh = pd.read_csv(out)
+    assert resumed[["scan", "finding", "status"]].equals(fresh[["scan", "finding", "status"]])
+    np.testing.assert_allclose(resumed.probability, fresh.probability, atol=1e-6)
+
+
 def test_unreadable_model_folder_aborts_with_exit_code_2(tmp_path, model_dir):
     bad = tmp_path / "broken-model"
     shutil.copytree(model_dir, bad)

@@ -59,6 +59,10 @@ def add_diagnose_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, metavar="N",
                    help="read and preprocess scans in N worker processes, ahead of the model (default 0: in "
                    "the main process); for a GPU, or a CPU with cores the model leaves free")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run: take the scans it finished from OUT.journal and diagnose "
+                   "the rest (same model, findings and outputs). Every run keeps OUT.journal until its "
+                   "outputs are written")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_diagnose)
     return p
@@ -157,19 +161,25 @@ def run_diagnose(args: argparse.Namespace) -> int:
     findings = load_findings(args.findings, model.organs) if args.findings else None
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    journal = Path(str(args.out) + ".journal")
+    if args.resume and not journal.is_file():
+        raise InputError(f"--resume: no journal of an interrupted run at {journal}. Run without --resume.")
     with logging_redirect_tqdm():
         report = diagnose(
             inputs, masks, model, findings=findings, mask_format=args.mask_format,
             anomaly_maps_dir=args.anomaly_maps, embeddings_path=args.embeddings,
             progress=not args.no_progress, scan_ids=scan_ids, segment_dir=segment_dir, num_workers=args.workers,
+            journal=journal, resume=args.resume,
         )
     written = [str(report.to_csv(args.out))]
     if args.json:
         written.append(str(report.to_json(args.json)))
+    journal.unlink()  # every output is written
     if report.embeddings_path is not None:
         written.append(str(report.embeddings_path))
     if args.anomaly_maps:
         written.append(f"anomaly maps of {len(report.anomaly_maps)} scan(s) in {args.anomaly_maps}")
     n, bad = len(report.scans), len(report.failed)
-    print(f"diagnosed {n} scan(s): {n - bad} ok, {bad} failed; wrote {', '.join(written)}")
+    resumed = f" ({len(report.resumed)} taken from the journal)" if report.resumed else ""
+    print(f"diagnosed {n} scan(s): {n - bad} ok{resumed}, {bad} failed; wrote {', '.join(written)}")
     return 1 if bad else 0

@@ -29,7 +29,7 @@ from visd.data import (
 )
 from visd.errors import InputError
 
-__all__ = ["LoadedCase", "iter_cases", "load_scan"]
+__all__ = ["LoadedCase", "check_num_workers", "iter_cases", "load_scan"]
 
 
 @dataclass
@@ -89,6 +89,12 @@ def _as_is(item: LoadedCase) -> LoadedCase:
     return item
 
 
+def check_num_workers(num_workers: Any) -> None:
+    """Raise :class:`InputError` unless ``num_workers`` is an integer >= 0."""
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise InputError(f"num_workers must be an integer >= 0, got {num_workers!r}. Use 0 to load in this process.")
+
+
 def iter_cases(
     scans: Sequence[str],
     sources: Sequence[Any],
@@ -107,8 +113,7 @@ def iter_cases(
             preprocessed scans wait in memory besides the one in use. With ``segment_dir``, each worker
             runs its own TotalSegmentator for scans without a mask.
     """
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise InputError(f"num_workers must be an integer >= 0, got {num_workers!r}. Use 0 to load in this process.")
+    check_num_workers(num_workers)
     dataset = _Cases(scans, sources, masks, config, mask_format, segment_dir)
     if num_workers == 0 or len(dataset) == 0:
         return (dataset[i] for i in range(len(dataset)))

@@ -3,7 +3,7 @@
 :func:`diagnose` is what ``visd diagnose`` runs. Each scan is read (NIfTI file or DICOM folder),
 preprocessed with the model's own spec, scored on every finding and, on request, turned into an
 anomaly map and an embedding row. A scan that cannot be read is skipped with its reason; the others
-finish.
+finish. With a journal (:mod:`visd.zero_shot.journal`) an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from visd.models.outputs import OrganEmbeddings
 
 from .anomaly import anomaly_map, write_anomaly_map
 from .findings import FindingLike, as_findings, load_findings
-from .loading import iter_cases
+from .journal import Journal, ScanOutcome, fingerprint
+from .loading import LoadedCase, check_num_workers, iter_cases
 from .report import ERROR_PREFIX, DiagnosisReport
 
 __all__ = ["diagnose", "scan_ids_for"]
@@ -53,6 +54,8 @@ def diagnose(
     scan_ids: Sequence[str] | None = None,
     segment_dir: str | os.PathLike | None = None,
     num_workers: int = 0,
+    journal: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> DiagnosisReport:
     """Zero-shot findings for each scan, by the official per-volume procedure.
 
@@ -79,13 +82,18 @@ def diagnose(
             free, as on a GPU; on a CPU-only machine the workers take cores from the model. Up to
             ``num_workers`` preprocessed scans wait in memory. Results are the same either way
             (:mod:`visd.zero_shot.loading`).
+        journal: write each diagnosed scan to this file as it finishes (:mod:`visd.zero_shot.journal`),
+            so that an interrupted run can resume.
+        resume: take the scans already in ``journal`` from it (same model, findings, mask format and
+            outputs, same source paths) and diagnose only the rest; without it the journal starts over.
 
     Returns:
         A :class:`~visd.zero_shot.DiagnosisReport`; ``report.failed`` lists the skipped scans.
 
     Raises:
         InputError: the numbers of inputs, masks and scan ids differ, bad findings, an unknown
-            ``mask_format`` (a bad *scan* or *mask* is skipped instead, see ``report.failed``).
+            ``mask_format``, a journal of another setup (a bad *scan* or *mask* is skipped instead, see
+            ``report.failed``).
         WeightsNotFoundError, ConfigError, CheckpointMismatchError: the model cannot be loaded.
     """
     model = _as_model(model)
@@ -113,44 +121,48 @@ def diagnose(
     extra = tuple(o for o in organs if o not in asked) if embeddings_path is not None else ()
     emb = np.full((len(sources), len(organs), model.config.embed_dim), np.nan, dtype=np.float32)
     report = DiagnosisReport(scans=tuple(ids), records=[], organs=organs, embeddings=emb)
+    check_num_workers(num_workers)
+    if resume and journal is None:
+        raise InputError("resume=True needs the journal of the interrupted run: pass journal=<its path>.")
+    log = None
+    if journal is not None:
+        maps_dir = None if anomaly_maps_dir is None else os.path.abspath(anomaly_maps_dir)
+        options = {"embeddings": embeddings_path is not None, "anomaly_maps": maps_dir}
+        key = fingerprint(model, specs, mask_format, options)
+        log = Journal(journal, key, emb.shape[1:], resume=resume)
+    paths = [_path_key(s) for s in sources]
+    reused = {i: log.reusable(ids[i], paths[i]) for i in range(len(ids))} if log is not None else {}
+    todo = [i for i in range(len(ids)) if reused.get(i) is None]
+    if log is not None and len(todo) < len(ids):
+        logger.info("resuming: %d of %d scans taken from the journal %s", len(ids) - len(todo), len(ids), journal)
 
     from tqdm.auto import tqdm
 
     loaded = iter_cases(
-        ids, sources, mask_list, model.config, mask_format=mask_format, segment_dir=segment_dir, num_workers=num_workers
+        [ids[i] for i in todo], [sources[i] for i in todo], [mask_list[i] for i in todo], model.config,
+        mask_format=mask_format, segment_dir=segment_dir, num_workers=num_workers,
     )
     bar = tqdm(total=len(sources), desc="visd diagnose", unit="scan", file=sys.stderr, disable=not progress)
-
-    def skip(scan: str, reason: str) -> None:
-        logger.warning("skipped scan %r: %s", scan, reason)
-        report.failed.append((scan, reason))
-        report.records.extend(_record(scan, s.organ, s.name, float("nan"), ERROR_PREFIX + reason) for s in specs)
-        bar.update(1)
-
     try:
-        for n, item in enumerate(loaded):
-            scan, case = item.scan, item.case
-            bar.set_postfix_str(scan[:30], refresh=False)
-            if case is None:
-                skip(scan, item.error or "unreadable")
-                continue
-            try:
-                result = model.zero_shot_classify(case.image, case.mask, findings=specs)
-                organ_emb = result.embeddings
-                if extra:
-                    organ_emb = _merge(organ_emb, model.encode_image(case.image, case.mask, organs=extra))
-            except InputError as e:
-                skip(scan, " ".join(str(e).split()))
-                continue
-            report.records += [_record(scan, s.organ, s.finding, s.probability, s.status) for s in result.scores]
-            for row, organ in enumerate(organ_emb.organs):
-                emb[n, organs.index(organ)] = organ_emb.embeddings[row].detach().float().cpu().numpy()
-            if anomaly_maps_dir is not None:
-                amap = anomaly_map(organ_emb, case.mask, organs)
-                report.anomaly_maps[scan] = write_anomaly_map(
-                    amap, case, anomaly_maps_dir, scan, organs=organs,
-                    spacing=model.config.preprocess.spacing, hu_window=model.config.preprocess.hu_window,
-                )
+        for n, scan in enumerate(ids):
+            outcome = reused.get(n)
+            if outcome is not None:
+                report.resumed.append(scan)
+            else:
+                item = next(loaded)
+                bar.set_postfix_str(scan[:30], refresh=False)
+                outcome = _diagnose_one(item, paths[n], model, specs, extra, anomaly_maps_dir)
+                if isinstance(outcome, ScanOutcome) and log is not None:
+                    log.append(outcome)
+            if isinstance(outcome, str):
+                logger.warning("skipped scan %r: %s", scan, outcome)
+                report.failed.append((scan, outcome))
+                report.records += [_record(scan, s.organ, s.name, float("nan"), ERROR_PREFIX + outcome) for s in specs]
+            else:
+                report.records += [_record(scan, *row) for row in outcome.rows]
+                emb[n] = outcome.embeddings
+                if outcome.anomaly_maps is not None:
+                    report.anomaly_maps[scan] = outcome.anomaly_maps
             bar.update(1)
     finally:
         bar.close()
@@ -164,6 +176,40 @@ def diagnose(
 
 def _record(scan: str, organ: str, finding: str, probability: float, status: str) -> dict[str, Any]:
     return {"scan": scan, "organ": organ, "finding": finding, "probability": float(probability), "status": status}
+
+
+def _diagnose_one(
+    item: LoadedCase, path: str | None, model: ViSDModel, specs: list[FindingSpec], extra: tuple[str, ...],
+    anomaly_maps_dir: Any,
+) -> ScanOutcome | str:
+    """The outcome of one loaded scan, or why it was skipped."""
+    case = item.case
+    if case is None:
+        return item.error or "unreadable"
+    try:
+        result = model.zero_shot_classify(case.image, case.mask, findings=specs)
+        organ_emb = result.embeddings
+        if extra:
+            organ_emb = _merge(organ_emb, model.encode_image(case.image, case.mask, organs=extra))
+    except InputError as e:
+        return " ".join(str(e).split())
+    organs = model.organs
+    emb = np.full((len(organs), model.config.embed_dim), np.nan, dtype=np.float32)
+    for row, organ in enumerate(organ_emb.organs):
+        emb[organs.index(organ)] = organ_emb.embeddings[row].detach().float().cpu().numpy()
+    maps = None
+    if anomaly_maps_dir is not None:
+        maps = write_anomaly_map(
+            anomaly_map(organ_emb, case.mask, organs), case, anomaly_maps_dir, item.scan, organs=organs,
+            spacing=model.config.preprocess.spacing, hu_window=model.config.preprocess.hu_window,
+        )
+    rows = [(s.organ, s.finding, s.probability, s.status) for s in result.scores]
+    return ScanOutcome(item.scan, path, rows, emb, maps)
+
+
+def _path_key(source: Any) -> str | None:
+    """How the journal recognises a scan's source: its absolute path, or ``None`` for in-memory images."""
+    return os.path.abspath(source) if isinstance(source, (str, os.PathLike)) else None
 
 
 def _as_model(model: Any) -> ViSDModel:

@@ -40,6 +40,7 @@ class DiagnosisReport:
             organs not scored (absent, not asked for) and for failed scans.
         anomaly_maps: per scan with maps written, the ``(nifti, png)`` paths.
         embeddings_path: the embedding file written, if any.
+        resumed: scan ids taken from the journal of an interrupted run (``diagnose(resume=True)``).
     """
 
     scans: tuple[str, ...]
@@ -49,6 +50,7 @@ class DiagnosisReport:
     embeddings: np.ndarray | None = None
     anomaly_maps: dict[str, tuple[Path, Path]] = field(default_factory=dict)
     embeddings_path: Path | None = None
+    resumed: list[str] = field(default_factory=list)
 
     @property
     def succeeded(self) -> tuple[str, ...]:
