@@ -160,6 +160,8 @@ def test_resume_takes_the_finished_scans_from_the_journal(tmp_path, model, model
     proc = _visd(*args, "--resume")
     assert proc.returncode == 2 and f"no journal of an interrupted run at {journal}" in proc.stderr
     diagnose([CT], [SEG], model, journal=journal, progress=False)  # as a run that stopped after the first scan
+    proc = _visd(*args)
+    assert proc.returncode == 2 and "holds the scans of an interrupted run. Pass --resume" in proc.stderr
     proc = _visd(*args, "--resume")
     assert proc.returncode == 0, proc.stderr
     assert "diagnosed 2 scan(s): 2 ok (1 taken from the journal), 0 failed" in proc.stdout

@@ -62,7 +62,7 @@ def add_diagnose_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run: take the scans it finished from OUT.journal and diagnose "
                    "the rest (same model, findings and outputs). Every run keeps OUT.journal until its "
-                   "outputs are written")
+                   "outputs are written, and a run without --resume refuses to start over an existing one")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_diagnose)
     return p
@@ -164,6 +164,11 @@ def run_diagnose(args: argparse.Namespace) -> int:
     journal = Path(str(args.out) + ".journal")
     if args.resume and not journal.is_file():
         raise InputError(f"--resume: no journal of an interrupted run at {journal}. Run without --resume.")
+    if not args.resume and journal.is_file():
+        raise InputError(
+            f"{journal} holds the scans of an interrupted run. Pass --resume to continue it, or delete the file "
+            "to start over."
+        )
     with logging_redirect_tqdm():
         report = diagnose(
             inputs, masks, model, findings=findings, mask_format=args.mask_format,
