@@ -174,6 +174,35 @@ def test_resume_takes_the_finished_scans_from_the_journal(tmp_path, model, model
     np.testing.assert_allclose(resumed.probability, fresh.probability, atol=1e-6)
 
 
+def test_a_killed_run_resumes(tmp_path, model_dir):
+    """SIGKILL once the journal holds a scan, then --resume: the table of an uninterrupted run."""
+    import signal
+    import time
+
+    scans = [shutil.copy(CT, tmp_path / f"scan{i}.nii.gz") for i in range(8)]
+    out = tmp_path / "r.csv"
+    journal = tmp_path / "r.csv.journal"
+    args = ["diagnose", *scans, *[a for _ in scans for a in ("--mask", SEG)], "--model", model_dir, "--out", out,
+            "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "visd.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (journal.is_file() and journal.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    done = journal.read_text().count("\n") - 1
+    assert 1 <= done < len(scans) and not out.exists()
+    resumed = _visd(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    taken = int(resumed.stdout.split("ok (")[1].split()[0])
+    assert done <= taken < len(scans)  # a scan journaled between the count and the kill is taken too
+    table = pd.read_csv(out)
+    fresh = _visd(*args)
+    assert fresh.returncode == 0 and pd.read_csv(out).equals(table)
+
+
 def test_unreadable_model_folder_aborts_with_exit_code_2(tmp_path, model_dir):
     bad = tmp_path / "broken-model"
     shutil.copytree(model_dir, bad)
