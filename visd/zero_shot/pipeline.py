@@ -126,10 +126,8 @@ def diagnose(
         raise InputError("resume=True needs the journal of the interrupted run: pass journal=<its path>.")
     log = None
     if journal is not None:
-        maps_dir = None if anomaly_maps_dir is None else os.path.abspath(anomaly_maps_dir)
-        options = {"embeddings": embeddings_path is not None, "anomaly_maps": maps_dir}
-        key = fingerprint(model, specs, mask_format, options)
-        log = Journal(journal, key, emb.shape[1:], resume=resume)
+        outputs = {"embeddings": embeddings_path is not None, "anomaly_maps": _path_key(anomaly_maps_dir)}
+        log = Journal(journal, fingerprint(model, specs, mask_format, outputs), emb.shape[1:], resume=resume)
     paths = [_path_key(s) for s in sources]
     reused = {i: log.reusable(ids[i], paths[i]) for i in range(len(ids))} if log is not None else {}
     todo = [i for i in range(len(ids)) if reused.get(i) is None]
@@ -208,7 +206,7 @@ def _diagnose_one(
 
 
 def _path_key(source: Any) -> str | None:
-    """How the journal recognises a scan's source: its absolute path, or ``None`` for in-memory images."""
+    """How the journal recognises a scan's source or a folder: its absolute path (``None`` for in-memory images)."""
     return os.path.abspath(source) if isinstance(source, (str, os.PathLike)) else None
 
 
