@@ -65,7 +65,7 @@ def test_interrupted_run_resumes_to_the_same_report(model, batch, tmp_path, monk
     with journal.open("a") as f:
         f.write('{"scan": "ct_lps", "sou')  # a line a crash cut off
     calls = _counting(model, monkeypatch)
-    resumed = _run(model, batch, tmp_path / "run", journal=journal, resume=True)
+    resumed = _run(model, batch, tmp_path / "run", journal=journal, resume=True, num_workers=1)
     assert resumed.resumed == ["abdomen_3mm"] and len(calls) == 2  # the LPS copy and the renamed copy
     _same_report(resumed, reference)
     assert all(p.is_file() for paths in resumed.anomaly_maps.values() for p in paths)
