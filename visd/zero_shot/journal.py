@@ -44,7 +44,7 @@ class ScanOutcome:
 
     Attributes:
         scan: scan id.
-        source: the scan's path as given, or ``None`` for an in-memory image.
+        source: the scan's absolute path, or ``None`` for an in-memory image.
         rows: ``(organ, finding, probability, status)`` per finding, in catalogue order.
         embeddings: ``(N_organs, E)`` float32 organ embeddings (NaN rows where not scored), or ``None``.
         anomaly_maps: the ``(nifti, png)`` files written, or ``None``.
