@@ -38,7 +38,10 @@ def machine() -> str:
 
 def commit() -> str:
     """The commit of the visd package being measured (the checkout it is imported from), with
-    ``+dirty`` when that checkout's ``visd/`` has uncommitted changes."""
+    ``+dirty`` when that checkout's ``visd/`` has uncommitted changes; ``$VISD_COMMIT`` when set (a copy
+    of the tree without ``.git``, as on the GPU machine)."""
+    if os.environ.get("VISD_COMMIT"):
+        return os.environ["VISD_COMMIT"]
     import visd
 
     package = Path(visd.__file__).resolve().parent

@@ -1,16 +1,43 @@
 #!/usr/bin/env bash
-# One prepared GPU check (run from the repository root on a CUDA machine with visd installed):
-# per-window and per-volume latency in each mode, scans per second through diagnose() with 0, 2 and 4
-# DataLoader workers, and the Triton kernels against their references. Each line appends a row to
-# benchmarks/README.md.
-set -euo pipefail
-python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
-for mode in official fast fast-nobatch fast-bf16 fast-cl; do
-  python benchmarks/bench_window.py --mode "$mode" --repeat 3
-done
-for mode in official fast fast-nobatch fast-bf16; do
-  python benchmarks/bench_volume.py --mode "$mode" --compare
-done
-python benchmarks/bench_throughput.py --scans 8 --workers 0 2 4
-python benchmarks/bench_kernels.py
-python -m pytest tests/kernels -q
+# The prepared GPU check: the Triton kernels' tests, the kernels against their references, per-window
+# and per-volume latency (float32 and bf16, with and without window batching), scans per second through
+# diagnose() with 0, 2 and 4 DataLoader workers, and the text tower. About 7 minutes on an H200.
+#
+# The device machine is offline and its image lacks some dependencies, so, from this machine:
+#   bash benchmarks/gpu_wheels.sh
+#   run(command="VISD_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu.sh", carry=[".whl"], timeout_s=590)
+# (write the commit into the command: the device gets the working tree, not .git). Each benchmark appends
+# its row to benchmarks/README.md there; the file comes back as $OUT/README.md after every step, with the
+# log in $OUT/gpu.log: copy the new rows into benchmarks/README.md here.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUT=${OUT:-/tmp/visd-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/visd-deps:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+step() {
+  echo "== $*"
+  timeout "${STEP_S:-240}" "$@" || echo "!! failed with status $?: $*"
+  cp benchmarks/README.md "$OUT/README.md"
+}
+
+main() {
+  if [ -d .whl ]; then
+    $PY -m pip install --quiet --no-index --no-deps --target /tmp/visd-deps .whl/*.whl || return 1
+  fi
+  $PY -c "import torch, visd; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0), torch.__version__, visd.__version__)" || return 1
+  step $PY -m pytest tests/kernels -q -x -p no:cacheprovider
+  step $PY benchmarks/bench_kernels.py
+  for mode in official fast fast-bf16; do
+    step $PY benchmarks/bench_window.py --mode "$mode" --repeat 3
+  done
+  step $PY benchmarks/bench_volume.py --mode fast --compare
+  step $PY benchmarks/bench_volume.py --mode fast-bf16
+  step $PY benchmarks/bench_volume.py --mode fast-nobatch
+  step $PY benchmarks/bench_throughput.py --scans 4 --workers 0 2 4
+  step $PY benchmarks/bench_text.py --mode fast
+}
+
+main 2>&1 | tee "$OUT/gpu.log"
+exit "${PIPESTATUS[0]}"
