@@ -24,7 +24,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from visd.config import PreprocessConfig, ViSDConfig
 from visd.data.io import CTSource, CTVolume, read_ct
@@ -118,34 +117,39 @@ def target_size(
     return size
 
 
-def _resize(array: np.ndarray, size: tuple[int, int, int], mode: str, dtype: type = np.float32) -> np.ndarray:
-    if tuple(array.shape) == tuple(size):
-        return array
-    t = torch.from_numpy(np.ascontiguousarray(array, dtype=dtype))[None, None]
-    kwargs = {"align_corners": False} if mode == "trilinear" else {}
-    return F.interpolate(t, size=tuple(int(s) for s in size), mode=mode, **kwargs)[0, 0].numpy()
+def _upsample(mode: str, src: torch.Tensor, size: list[int], dst: torch.Tensor) -> None:
+    """torch's 3D interpolation of ``src`` into ``dst`` (any strides), without scale factors."""
+    if mode == "trilinear":
+        torch.ops.aten.upsample_trilinear3d.out(src, size, False, None, None, None, out=dst)
+    elif mode == "nearest":
+        torch.ops.aten.upsample_nearest3d.out(src, size, None, None, None, out=dst)
+    else:
+        torch.ops.aten._upsample_nearest_exact3d.out(src, size, None, None, None, out=dst)
+
+
+def _resize_fortran(array: np.ndarray, size: tuple[int, int, int], mode: str, dtype: type) -> np.ndarray:
+    """``array`` (X, Y, Z) resized to ``size`` by torch's ``mode`` interpolation, as ``dtype``; Fortran-ordered.
+
+    The interpolation is torch's on the (X, Y, Z) tensor (``align_corners=False`` for trilinear), as
+    ``F.interpolate`` computes it: each output voxel is the same expression whatever the memory layout,
+    only the axis order matters. Input and output stay Fortran-ordered, the layout NIfTI files store, so
+    no step moves the ~100M voxels of a scan in transposed order.
+    """
+    source = np.asfortranarray(array, dtype=dtype)
+    if tuple(source.shape) == tuple(size):
+        return source
+    out = torch.from_numpy(np.empty(tuple(size)[::-1], dtype=dtype))  # (Z, Y, X) C order = (X, Y, Z) Fortran order
+    _upsample(mode, torch.from_numpy(source)[None, None], [int(n) for n in size], out.permute(2, 1, 0)[None, None])
+    return out.numpy().T
 
 
 def _resize_dhw(array: np.ndarray, size: tuple[int, int, int], mode: str) -> np.ndarray:
-    """``array`` (X, Y, Z) resized to ``size`` (X, Y, Z), returned as a C-ordered (Z, Y, X) = (D, H, W) array.
+    """``array`` (X, Y, Z) resized to ``size`` (X, Y, Z), as the C-ordered (Z, Y, X) = (D, H, W) array.
 
-    The interpolation is torch's on the (X, Y, Z) tensor, as in the official script (each output
-    voxel is the same float32 expression whatever the memory layout; the axis order is what matters).
-    Input and output are Fortran-ordered (X, Y, Z), the layout NIfTI files store, so no step moves the
-    ~100M voxels of a scan in transposed order: the output written that way *is* the (D, H, W) array
-    in C order. Images are interpolated as float32, organ maps as uint8 (``nearest`` only selects).
+    Images are interpolated as float32, organ maps as uint8 when they are uint8 (``nearest`` only selects).
     """
-    uint8 = mode == "nearest" and array.dtype == np.uint8
-    source = np.asfortranarray(array, dtype=np.uint8 if uint8 else np.float32)
-    if tuple(source.shape) == tuple(size):
-        return source.T
-    out = torch.empty(tuple(size)[::-1], dtype=torch.uint8 if uint8 else torch.float32)
-    src, dst = torch.from_numpy(source)[None, None], out.permute(2, 1, 0)[None, None]
-    if mode == "trilinear":
-        torch.ops.aten.upsample_trilinear3d.out(src, list(size), False, None, None, None, out=dst)
-    else:
-        torch.ops.aten.upsample_nearest3d.out(src, list(size), None, None, None, out=dst)
-    return out.numpy()
+    dtype = np.uint8 if mode == "nearest" and array.dtype == np.uint8 else np.float32
+    return _resize_fortran(array, size, mode, dtype).T
 
 
 def _box(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -251,7 +255,8 @@ def to_input_grid(
         mode: ``"linear"`` (returns float32) or ``"nearest"`` (keeps the dtype).
 
     Returns:
-        (X, Y, Z) array in the input file's array order; save it with ``geometry.input_affine``.
+        (X, Y, Z) array in the input file's array order, Fortran-ordered in memory as NIfTI stores it;
+        save it with ``geometry.input_affine``.
     """
     if mode not in ("linear", "nearest"):
         raise InputError(f"unknown mode {mode!r} for to_input_grid. Expected 'linear' or 'nearest'.")
@@ -266,11 +271,9 @@ def to_input_grid(
     work = np.float64 if mode == "nearest" else np.float32  # float64 keeps integer labels exact
     full = np.zeros(geometry.resized_shape[::-1], dtype=work)  # (D, H, W) before the crop
     full[tuple(slice(s, e) for s, e in zip(geometry.crop_start, geometry.crop_stop))] = volume[inner]
-    xyz = np.transpose(full, (2, 1, 0))
-    oriented = geometry.reorientation.target_shape
-    if tuple(xyz.shape) != tuple(oriented):
-        xyz = _resize(xyz, oriented, "trilinear" if mode == "linear" else "nearest-exact", dtype=work)
-    return np.ascontiguousarray(geometry.reorientation.invert(xyz)).astype(dtype, copy=False)
+    back = "trilinear" if mode == "linear" else "nearest-exact"
+    xyz = _resize_fortran(full.T, geometry.reorientation.target_shape, back, work)  # full.T: (X, Y, Z), Fortran
+    return np.asfortranarray(geometry.reorientation.invert(xyz)).astype(dtype, copy=False)
 
 
 def load_case(
