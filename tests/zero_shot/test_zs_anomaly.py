@@ -113,3 +113,22 @@ def test_overlay_figure_has_the_slices_and_a_colorbar():
     assert len(fig.axes) == 4  # three slices + the colorbar
     assert sum("axial slice 5 of 20 (max 2)" in t for t in titles) == 1
     assert "deviation" in fig.axes[-1].get_ylabel()
+
+
+def test_pick_slices_with_organs_equals_the_whole_volume_argmax():
+    """With three organs, the three slices are each organ's peak slice: the slice of the first maximum of
+    the map restricted to the organ (np.where over the whole volume), on maps with ties and negative values."""
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(200):
+        vol = rng.integers(-2, 4, (12, 5, 6)).astype(np.float32)
+        mask = rng.integers(0, 4, vol.shape).astype(np.uint8)
+        peaks = []
+        for label in (1, 2, 3):
+            values = np.where(mask == label, vol, 0.0)
+            if values.max() > 0:
+                peaks.append(int(np.unravel_index(np.argmax(values), values.shape)[0]))
+        if len(set(peaks)) == 3:
+            assert pick_slices(vol, 3, mask) == sorted(peaks)
+            checked += 1
+    assert checked >= 10

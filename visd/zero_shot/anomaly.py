@@ -84,10 +84,14 @@ def pick_slices(volume: np.ndarray, n: int = 3, organ_mask: np.ndarray | None = 
     chosen: list[int] = []
     if organ_mask is not None:
         peaks = []
-        for label in np.unique(organ_mask):
-            values = np.where(organ_mask == label, volume, 0.0) if label != 0 else None
-            if values is not None and float(values.max()) > 0:
-                peaks.append((-float(values.max()), int(np.unravel_index(np.argmax(values), values.shape)[0])))
+        labels, flat_volume = np.asarray(organ_mask).reshape(-1), volume.reshape(-1)
+        plane = volume[0].size
+        for label in np.unique(labels[labels != 0]):
+            where = np.flatnonzero(labels == label)  # ascending: the first voxel of the peak, as argmax
+            values = flat_volume[where]
+            k = int(np.argmax(values))
+            if float(values[k]) > 0:
+                peaks.append((-float(values[k]), int(where[k]) // plane))
         chosen = list(dict.fromkeys(d for _, d in sorted(peaks)))[:n]
     flat = volume.reshape(depth, -1)
     order = [int(d) for d in np.lexsort((-flat.sum(axis=1), -flat.max(axis=1)))]  # last key is primary
@@ -196,7 +200,7 @@ def write_anomaly_map(
     import nibabel as nib
 
     out_dir = Path(out_dir)
-    volume = to_input_grid(np.asarray(amap, dtype=np.float32), case.geometry, mode="linear").astype(np.float32)
+    volume = to_input_grid(np.asarray(amap, dtype=np.float32), case.geometry, mode="linear")  # float32
     img = nib.Nifti1Image(volume, case.geometry.input_affine)
     img.header.set_qform(case.geometry.input_affine, code=1)
     img.header.set_sform(case.geometry.input_affine, code=1)
