@@ -33,9 +33,10 @@ def main() -> None:
     ap.add_argument("--mode", default="fast")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--data", type=Path, default=None, help="folder for the scan files (kept; default: temporary)")
+    ap.add_argument("--maps", action="store_true", help="also write each scan's anomaly maps (NIfTI and PNG)")
     args = ap.parse_args()
-    from visd.zero_shot import diagnose
     from visd.data import load_case
+    from visd.zero_shot import diagnose
 
     with tempfile.TemporaryDirectory() as tmp:
         pairs = chest_scan_files(args.data or Path(tmp), args.scans)
@@ -48,16 +49,20 @@ def main() -> None:
         shape = "x".join(map(str, case.image.shape))
         del case
         for workers in args.workers:
+            options = {"num_workers": workers} if workers else {}  # so that older checkouts can be measured
+            if args.maps:
+                options["anomaly_maps_dir"] = Path(tmp) / "maps"
             report, seconds = timed(functools.partial(
-                diagnose, [c for c, _ in pairs], [s for _, s in pairs], model,
-                mask_format="visd", progress=False, num_workers=workers,
+                diagnose, [c for c, _ in pairs], [s for _, s in pairs], model, mask_format="visd", progress=False,
+                **options,
             ))
             if report.failed:
                 raise SystemExit(f"scans failed: {report.failed}")
             peak = peak_gpu_gb() if args.device == "cuda" else peak_rss_gb()
             note = (f"{args.device}, {args.scans / seconds:.3f} scans/s, reading + preprocessing {load_s:.1f} s "
                     f"per scan in-process (model input {shape}); peak memory of the main process")
-            record(f"diagnose {args.scans} scans 480x480x480 .nii.gz", f"{args.mode}, workers {workers}", seconds,
+            maps = ", anomaly maps" if args.maps else ""
+            record(f"diagnose {args.scans} scans 480x480x480 .nii.gz", f"{args.mode}, workers {workers}{maps}", seconds,
                    peak, note, "python benchmarks/bench_throughput.py " + " ".join(sys.argv[1:]))
 
 
