@@ -170,9 +170,9 @@ def _as_3d(array: np.ndarray, name: str) -> np.ndarray:
 
 def _volume(array: np.ndarray, affine: np.ndarray, name: str) -> CTVolume:
     array = _as_3d(np.asarray(array), name)
-    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
-        raise InputError(f"{name} holds {array.dtype} voxels. Expected real numbers in Hounsfield units.")
     integer = np.issubdtype(array.dtype, np.integer)  # always finite
+    if not (integer or np.issubdtype(array.dtype, np.floating)):
+        raise InputError(f"{name} holds {array.dtype} voxels. Expected real numbers in Hounsfield units.")
     array = array.astype(np.float32, copy=False)
     with np.errstate(invalid="ignore", over="ignore"):  # inf + -inf: the element-wise check says which
         bad = None if integer or np.isfinite(array.sum(dtype=np.float64)) else ~np.isfinite(array)

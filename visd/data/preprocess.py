@@ -273,7 +273,7 @@ def to_input_grid(
     full[tuple(slice(s, e) for s, e in zip(geometry.crop_start, geometry.crop_stop))] = volume[inner]
     back = "trilinear" if mode == "linear" else "nearest-exact"
     xyz = _resize_fortran(full.T, geometry.reorientation.target_shape, back, work)  # full.T: (X, Y, Z), Fortran
-    return np.asfortranarray(geometry.reorientation.invert(xyz)).astype(dtype, copy=False)
+    return geometry.reorientation.invert(xyz).astype(dtype, order="F", copy=False)
 
 
 def load_case(

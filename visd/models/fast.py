@@ -197,7 +197,7 @@ def _stem(backbone: ResNet3d, x: torch.Tensor, fmt=torch.contiguous_format, in_p
         return F.max_pool3d(_conv_bn(conv, backbone.bn1, x, fmt=fmt), 3, 2, 1).relu_().contiguous(memory_format=fmt)
     weight, bias = _fold(conv, backbone.bn1)
     n = x.shape[2]
-    h, w = ((size + 2 * p - k) // s + 1 for size, p, k, s in zip(x.shape[3:], conv.padding[1:], conv.kernel_size[1:], conv.stride[1:]))
+    h, w = _out_size(conv, x.shape[2:])[1:]
     out_d, out_h, out_w = (n - 1) // 2 + 1, (h - 1) // 2 + 1, (w - 1) // 2 + 1
     bsz, cl3 = x.shape[0], torch.channels_last_3d
     out = torch.empty((bsz, conv.out_channels, out_d, out_h, out_w), dtype=x.dtype, device=x.device, memory_format=fmt)
