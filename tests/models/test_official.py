@@ -35,7 +35,7 @@ def _encode(model, image, mask, sizes, official):
 
 @pytest.fixture(scope="module")
 def window_out(official_tiny_model, window_inputs):
-    """The official operation order: bit-exact with the authors' code."""
+    """The official operation order: the authors' float32 operations, in their order."""
     image, mask = window_inputs
     return _encode(official_tiny_model, image, mask, CASE["inputs"]["whole_organ_sizes"], official=True)
 
@@ -102,10 +102,33 @@ def test_organ_embeddings_codes_and_intermediates(window_out):
         torch.testing.assert_close(d.projection, torch.from_numpy(NPZ[f"{organ}_vision_proj"]), rtol=0, atol=1e-4)
 
 
-def test_official_numerics_are_bit_exact(window_out):
-    assert torch.equal(window_out.embeddings, torch.from_numpy(NPZ["organ_feats"]))
+# The fixture was computed on an AMD EPYC (AVX-512). The official order is the authors' sequence of
+# float32 operations, but the kernels that run them (oneDNN convolutions, BLAS products, their blocking
+# and thread split) depend on the CPU kind: it reproduces the fixture bit for bit on that kind and to
+# float32 rounding elsewhere. Measured on a Zen 5 EPYC against the fixture: 0 with the default kernels;
+# embeddings <= 1.6e-7 and attention outputs <= 1.3e-6 of their largest magnitude with
+# ATEN_CPU_CAPABILITY=avx2 or OMP_NUM_THREADS=1; 7.8e-7 and 8.0e-6 with the scalar kernels
+# (ATEN_CPU_CAPABILITY=default). The bounds leave 2.5x margin over the worst of these.
+EMBEDDING_ATOL = 2e-6  # the embeddings are unit vectors: 16 float32 ulps of 1
+ATTENTION_RTOL_OF_MAX = 2e-5
+
+
+def test_official_numerics_match_the_fixture_to_float32_rounding(window_out):
+    torch.testing.assert_close(window_out.embeddings, torch.from_numpy(NPZ["organ_feats"]), rtol=0, atol=EMBEDDING_ATOL)
     for organ in window_out.organs:
-        assert torch.equal(window_out.details[organ].attention_output, torch.from_numpy(NPZ[f"{organ}_attn_out"]))
+        expected = torch.from_numpy(NPZ[f"{organ}_attn_out"])
+        atol = ATTENTION_RTOL_OF_MAX * expected.abs().max().item()
+        torch.testing.assert_close(window_out.details[organ].attention_output, expected, rtol=0, atol=atol)
+
+
+def test_official_numerics_are_deterministic(official_tiny_model, window_inputs, window_out):
+    """The same computation on the same machine is bit-identical: a real property, kernel choice aside."""
+    image, mask = window_inputs
+    again = _encode(official_tiny_model, image, mask, CASE["inputs"]["whole_organ_sizes"], official=True)
+    assert torch.equal(again.embeddings, window_out.embeddings)
+    for organ in window_out.organs:
+        assert torch.equal(again.details[organ].attention_output, window_out.details[organ].attention_output)
+        assert torch.equal(again.details[organ].codes, window_out.details[organ].codes)
 
 
 @pytest.mark.parametrize("path", ["window_out", "fast_window_out"])
