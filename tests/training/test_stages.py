@@ -119,10 +119,11 @@ def test_normality_stage_uses_normal_organs_only_and_freezes_the_encoder():
         torch.optim.AdamW(params, lr=1e-3).step()
         for k, v in model.vision.state_dict().items():  # frozen and in eval mode: weights and BN stats unchanged
             assert torch.equal(v, vision_before[k]), k
-        results.append((float(out.loss.detach()), model.normality.quantizer.embeddings.clone(), out.metrics))
-    (loss_a, codebook_a, metrics), (loss_b, codebook_b, _) = results
+        results.append((float(out.loss.detach()), model.normality.quantizer.embeddings.clone(), out.metrics, out.usage))
+    (loss_a, codebook_a, metrics, usage), (loss_b, codebook_b, _, erased) = results
     assert loss_a == loss_b and torch.equal(codebook_a, codebook_b)
-    assert float(metrics["normal_organs"]) == 7  # 2 scans x 4 organs, minus the abnormal lung
+    assert usage.used("normality") == 7  # 2 scans x 4 organs, minus the abnormal lung
+    assert usage.columns()["normality_abnormal"] == 1 and erased.columns()["normality_organ_absent"] == 1
     assert 1.0 <= float(metrics["perplexity"]) <= 16 and 0 <= float(metrics["dead_codes"]) <= 16
     assert float(metrics["reconstruction"]) + float(metrics["commitment"]) == pytest.approx(loss_a, rel=1e-6)
 
