@@ -118,7 +118,7 @@ def test_a_crop_that_excludes_every_organ_stops_with_the_reason(tmp_path, capsys
     assert len(err.splitlines()) == 1 and err.startswith("visd train: error: stage 'alignment+disease'")
     assert "the alignment and disease objectives used no organ in 3 steps" in err
     assert "alignment used 0 of 24 (scan, organ) pairs; not used: " in err and "touches_window_border" in err
-    assert "enlarge preprocess.roi" in err and "(16, 64, 64)" in err
+    assert "enlarge preprocess.roi" in err and "(16, 64, 64)" in err and "here (16, 134, 179), (16, 135, 177))" in err
     run = tmp_path / "runs" / "tiny"
     assert len(read_metrics(run / "metrics.csv")) == 3  # it stopped after the third step
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]

@@ -108,17 +108,18 @@ def test_a_stage_without_organs_is_an_error_with_the_reason_and_a_hint():
     border[:, 2] = 2  # every organ of two scans touches the border
     for _ in range(3):
         tally.add({"alignment": 0.0, "disease": 0.0}, OrganUsage({"alignment": border.clone(), "disease": border[:, :4].clone()}))
-    with pytest.raises(InputError) as e:
-        tally.check(config)
-    msg = str(e.value)
+    error = tally.failure(config, [(32, 135, 177)])
+    assert isinstance(error, InputError)
+    msg = str(error)
     assert msg.startswith("stage 'alignment+disease': the alignment and disease objectives used no organ in 3 steps")
     assert "touches_window_border 24 (lung 6, heart 6, esophagus 6, aorta 6)" in msg
     assert f"preprocess.roi {config.preprocess.roi}" in msg and "organ_absent:" not in msg
+    assert "(5, 20, 20); here (32, 135, 177))" in msg
     # one used pair is enough; the summary reports it
     used = border.clone()
     used[0] = torch.tensor([1, 0, 1, 0, 0])
     tally.add({"alignment": 0.3, "disease": 0.6}, OrganUsage({"alignment": used, "disease": used[:, :4].clone()}))
-    tally.check(config)
+    assert tally.failure(config) is None
     s = tally.summary()
     assert s["steps"] == 4 and s["organs"] == {"alignment": 1, "disease": 1} and s["loss"]["disease"] == pytest.approx(0.15)
     assert "alignment  mean loss 0.0750  organs used 1 of 32 (not used: touches_window_border 31)" in format_summary([s])

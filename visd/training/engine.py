@@ -47,8 +47,6 @@ from visd.training.manifest import read_manifest
 from visd.training.stages import (
     StageObjective,
     configure_trainable,
-    disable_gradient_checkpointing,
-    enable_gradient_checkpointing,
     make_momentum,
     momentum_keys,
     set_train_modes,
@@ -197,8 +195,7 @@ class _Run:
             if env.device.type != "cuda":
                 raise ConfigError("batchnorm: sync needs CUDA (SyncBatchNorm); use 'batch' or 'running' on the CPU")
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        if config.gradient_checkpointing:
-            enable_gradient_checkpointing(self.model)
+        self.model.set_grad_checkpointing(config.gradient_checkpointing)
         self.records = read_manifest(config.data.manifest, self.model.organs)
         cache_dir = config.data.cache_dir or str(self.out / "cache")
         self.cache = PreprocessCache(cache_dir, self.model.config, config.data.mask_format, config.data.cache_dtype)
@@ -241,6 +238,10 @@ class _Run:
         self.written = []
         self.env.barrier()
 
+    def _scan_shapes(self) -> list[tuple[int, ...]]:
+        """``(D, H, W)`` of the first preprocessed scans (for error hints; they are cached by now)."""
+        return [tuple(self.cache.load(r)[0].shape) for r in self.records[:8]]
+
     def _reduce(self, metrics: dict[str, torch.Tensor]) -> dict[str, float]:
         names = sorted(metrics)
         values = torch.stack([metrics[n].detach().float().reshape(()) for n in names]).to(self._comm())
@@ -257,7 +258,7 @@ class _Run:
             self.run_stage(si, stage)
         export = self.out / "model"
         if self.env.rank == 0:
-            disable_gradient_checkpointing(self.model)
+            self.model.set_grad_checkpointing(False)
             self.model.eval().save_pretrained(export)
             logger.info("exported the trained model to %s", export)
             atomic_write_text(self.out / SUMMARY_FILE, json.dumps(self.summaries, indent=2) + "\n")
@@ -382,11 +383,9 @@ class _Run:
                 sums, usage = {}, OrganUsage()
                 finished = stage_step >= total
                 if stage_step == config.organ_check_steps or (finished and stage_step < config.organ_check_steps):
-                    try:
-                        tally.check(model.config)
-                    except InputError:
+                    if tally.failure(model.config) is not None:
                         self._remove_written()
-                        raise
+                        raise tally.failure(model.config, self._scan_shapes())
                 end_of_epoch = i + 1 == len(batches)
                 if not finished and step % config.checkpoint_every == 0:
                     nxt = Position(si, epoch + 1, 0, step, stage_step) if end_of_epoch else (

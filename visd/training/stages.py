@@ -29,7 +29,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.checkpoint import checkpoint
 
 from visd.models.model import ViSDModel
 from visd.models.normality import minmax_scale
@@ -63,8 +62,6 @@ __all__ = [
     "make_momentum",
     "update_momentum",
     "momentum_keys",
-    "enable_gradient_checkpointing",
-    "disable_gradient_checkpointing",
 ]
 
 TEMPERATURE_RANGE = (0.001, 0.5)
@@ -158,32 +155,6 @@ def momentum_keys(model: ViSDModel, momentum: ViSDModel, batch: Batch) -> tuple[
     assert batch.image2 is not None and batch.mask2 is not None, "the disease objective needs two views"
     out = momentum(batch.image2, batch.mask2)
     return out.organ_embeddings.detach(), out.organ_valid
-
-
-# -- gradient checkpointing -------------------------------------------------------------------------
-class _CheckpointedStage(nn.Sequential):
-    """A backbone stage whose activations are recomputed in the backward pass (same parameters and keys)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
-            return checkpoint(nn.Sequential.forward, self, x, use_reentrant=False)
-        return nn.Sequential.forward(self, x)
-
-
-def enable_gradient_checkpointing(model: ViSDModel) -> None:
-    """Checkpoint the backbone's four stages (state dict keys unchanged). BatchNorm layers in train
-    mode update their running statistics again during the recomputation."""
-    for name in ("layer1", "layer2", "layer3", "layer4"):
-        layer = getattr(model.vision.backbone, name)
-        if type(layer) is nn.Sequential:
-            layer.__class__ = _CheckpointedStage
-
-
-def disable_gradient_checkpointing(model: ViSDModel) -> None:
-    for name in ("layer1", "layer2", "layer3", "layer4"):
-        layer = getattr(model.vision.backbone, name)
-        if type(layer) is _CheckpointedStage:
-            layer.__class__ = nn.Sequential
 
 
 # -- the objectives ---------------------------------------------------------------------------------

@@ -2,9 +2,10 @@
 
 A training step in which an objective used no (scan, organ) pair is a no-op for that objective
 (:mod:`visd.training.usage` says why: absent organs, organs touching the crop border, ...). The
-engine logs a warning for each such step, and :meth:`StageTally.check` stops the run with an
+engine logs a warning for each such step, and stops the run with an
 :class:`~visd.errors.InputError` when an objective has used no organ at all after
-``organ_check_steps`` steps of a stage, or by the stage's end if it is shorter.
+``organ_check_steps`` steps of a stage, or by the stage's end if it is shorter (the engine raises
+:meth:`StageTally.failure`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from visd.training.usage import OBJECTIVE_REASONS, OrganUsage
 __all__ = ["StageTally", "format_summary"]
 
 
-def _hints(reasons: set[str], config: ViSDConfig) -> list[str]:
+def _hints(reasons: set[str], config: ViSDConfig, scan_shapes: Sequence[tuple[int, ...]]) -> list[str]:
     p = config.preprocess
+    shapes = ", ".join(str(tuple(s)) for s in scan_shapes[:4]) + (", ..." if len(scan_shapes) > 4 else "")
+    seen = f"; here {shapes}" if scan_shapes else ""
     hints = {
         "organ_absent": (
             "organ_absent: the crops hold no voxel of these organs (a crop smaller than its scan misses some; a mask "
@@ -32,7 +35,7 @@ def _hints(reasons: set[str], config: ViSDConfig) -> list[str]:
             "touches_window_border: an organ counts only when none of its voxels lies on the two outer planes of "
             f"the crop, and the crop (preprocess.roi {tuple(p.roi)}, (D, H, W) voxels of {tuple(p.spacing)} mm) is "
             "smaller than the organs; enlarge preprocess.roi to hold the preprocessed scans (their organ box plus "
-            f"preprocess.crop_margin {tuple(p.crop_margin)}), or coarsen preprocess.spacing"
+            f"preprocess.crop_margin {tuple(p.crop_margin)}{seen}), or coarsen preprocess.spacing"
         ),
         "no_abnormal": (
             "no_abnormal: no scan of a batch was abnormal for the organ; check the manifest's label_<organ> and "
@@ -75,18 +78,23 @@ class StageTally:
                 self.loss_sums[obj] = self.loss_sums.get(obj, 0.0) + float(metrics[obj])
         self.usage = self.usage + usage
 
-    def check(self, config: ViSDConfig) -> None:
-        """Raise :class:`InputError` when an objective has used no organ in the stage so far."""
+    def failure(self, config: ViSDConfig, scan_shapes: Sequence[tuple[int, ...]] = ()) -> InputError | None:
+        """The error to raise when an objective has used no organ in the stage so far (else None).
+
+        Args:
+            config: the model's config (its preprocessing spec and organs go into the hint).
+            scan_shapes: ``(D, H, W)`` of some preprocessed scans, to compare with the ROI.
+        """
         empty = [obj for obj in self.objectives if obj in self.usage.counts and self.usage.used(obj) == 0]
         if not empty:
-            return
+            return None
         reasons = {r for obj in empty for r, n in self._not_used(obj).items() if n}
         details = "; ".join(f"{obj} {self.usage.describe(obj, self.organs)}" for obj in empty)
-        raise InputError(
+        return InputError(
             f"stage {self.label!r}: the {' and '.join(empty)} objective{'s' if len(empty) > 1 else ''} used no organ "
             f"in {self.steps} step{'s' if self.steps != 1 else ''}, so {'they' if len(empty) > 1 else 'it'} trained "
             f"nothing: {details}. Expected at least one organ inside the crops, away from their border. Fix: "
-            + "; ".join(_hints(reasons, config))
+            + "; ".join(_hints(reasons, config, scan_shapes))
             + "."
         )
 
