@@ -408,7 +408,13 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
 
     Under ``torchrun`` every process calls this. With ``resume``, the newest checkpoint in
     ``<output_dir>/checkpoints`` is continued (a fresh run starts when there is none); without it,
-    existing checkpoints are an error, so a run is never overwritten by accident.
+    existing checkpoints are an error, so a run is never overwritten by accident. At the end,
+    ``<output_dir>/summary.json`` holds per stage the steps, the mean loss of each objective and the
+    organs it used (:meth:`visd.training.summary.StageTally.summary`).
+
+    Raises:
+        InputError: an objective used no organ in the first ``config.organ_check_steps`` steps of a
+            stage (the message says why; the checkpoints this call wrote in that stage are removed).
 
     While it runs, ``config.deterministic`` turns on ``torch.use_deterministic_algorithms(True,
     warn_only=True)`` (and deterministic cuDNN); the previous settings are restored afterwards.
