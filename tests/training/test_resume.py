@@ -68,6 +68,8 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_losses(tmp_path):
     assert [[r[c] for c in LOSS_COLUMNS] for r in got] == [[r[c] for c in LOSS_COLUMNS] for r in expected]
     assert not any(".tmp-" in p.name for p in folder.iterdir())
     assert _checkpoints_all_load(folder) == ["step-000000006.pt", "step-000000007.pt"]
+    # the per-stage summary (steps, mean losses, organ counts) continues across the kills too
+    assert (tmp_path / "full" / "summary.json").read_text() == (tmp_path / "crash" / "summary.json").read_text()
     a = (tmp_path / "full" / "model" / "model.safetensors").read_bytes()
     b = (tmp_path / "crash" / "model" / "model.safetensors").read_bytes()
     assert a == b  # the exported weights are bit-identical too

@@ -1,5 +1,5 @@
 """The three objectives: a few steps on one tiny batch cut each loss; the normality stage sees normal
-organs only with the vision encoder frozen; momentum updates; gradient checkpointing is exact."""
+organs only with the vision encoder frozen; momentum updates; gradient checkpointing (a model method) is exact."""
 
 from __future__ import annotations
 
@@ -16,8 +16,6 @@ from visd.training.reports import normal_sentence
 from visd.training.stages import (
     StageObjective,
     configure_trainable,
-    disable_gradient_checkpointing,
-    enable_gradient_checkpointing,
     make_momentum,
     momentum_keys,
     set_train_modes,
@@ -119,10 +117,11 @@ def test_normality_stage_uses_normal_organs_only_and_freezes_the_encoder():
         torch.optim.AdamW(params, lr=1e-3).step()
         for k, v in model.vision.state_dict().items():  # frozen and in eval mode: weights and BN stats unchanged
             assert torch.equal(v, vision_before[k]), k
-        results.append((float(out.loss.detach()), model.normality.quantizer.embeddings.clone(), out.metrics))
-    (loss_a, codebook_a, metrics), (loss_b, codebook_b, _) = results
+        results.append((float(out.loss.detach()), model.normality.quantizer.embeddings.clone(), out.metrics, out.usage))
+    (loss_a, codebook_a, metrics, usage), (loss_b, codebook_b, _, erased) = results
     assert loss_a == loss_b and torch.equal(codebook_a, codebook_b)
-    assert float(metrics["normal_organs"]) == 7  # 2 scans x 4 organs, minus the abnormal lung
+    assert usage.used("normality") == 7  # 2 scans x 4 organs, minus the abnormal lung
+    assert usage.columns()["normality_abnormal"] == 1 and erased.columns()["normality_organ_absent"] == 1
     assert 1.0 <= float(metrics["perplexity"]) <= 16 and 0 <= float(metrics["dead_codes"]) <= 16
     assert float(metrics["reconstruction"]) + float(metrics["commitment"]) == pytest.approx(loss_a, rel=1e-6)
 
@@ -176,12 +175,18 @@ def test_gradient_checkpointing_is_exact():
         loss.backward()
         return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
+    calls = []
+    layer1 = model.vision.backbone.layer1
+    layer1.forward = lambda x, f=layer1.forward: calls.append(1) or f(x)  # counts the runs of a stage
     plain = loss_and_grads()
-    enable_gradient_checkpointing(model)
-    assert type(model.vision.backbone.layer1).__name__ == "_CheckpointedStage" and list(model.state_dict()) == keys
+    assert len(calls) == 1
+    model.set_grad_checkpointing()
+    assert list(model.state_dict()) == keys
     ckpt = loss_and_grads()
-    disable_gradient_checkpointing(model)
-    assert type(model.vision.backbone.layer1) is torch.nn.Sequential
+    assert len(calls) == 3  # the stage ran again in the backward pass
+    model.set_grad_checkpointing(False)
+    loss_and_grads()
+    assert len(calls) == 4
     assert plain[0] == pytest.approx(ckpt[0], rel=1e-6)
     for name, g in plain[1].items():
         assert torch.allclose(g, ckpt[1][name], rtol=1e-4, atol=1e-7), name

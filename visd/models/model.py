@@ -81,6 +81,14 @@ class ViSDModel(nn.Module):
         self._prompt_cache.clear()
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the backbone's four stages in the backward pass (less memory, one more forward).
+
+        Outputs and gradients are unchanged; the state dict is unchanged. With BatchNorm in train
+        mode, the recomputation updates the running statistics a second time (as in timm).
+        """
+        self.vision.backbone.grad_checkpointing = enable
+
     def organ_index(self, organ: str) -> int:
         if organ not in self.organs:
             raise InputError(

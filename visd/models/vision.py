@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from visd.config import VisionConfig
 
@@ -53,10 +54,15 @@ class _BasicBlock(nn.Module):
 
 
 class ResNet3d(nn.Module):
-    """3D ResNet with BasicBlocks, shortcut type A; returns the four stage outputs."""
+    """3D ResNet with BasicBlocks, shortcut type A; returns the four stage outputs.
+
+    ``grad_checkpointing`` (default False): while gradients are recorded, each of the four stages
+    recomputes its activations in the backward pass instead of keeping them.
+    """
 
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
+        self.grad_checkpointing = False
         w = config.widths
         self.conv1 = nn.Conv3d(config.in_channels, w[0], 7, stride=(1, 2, 2), padding=3, bias=False)
         self.bn1 = nn.BatchNorm3d(w[0])
@@ -75,7 +81,11 @@ class ResNet3d(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         feats = []
         for name in ("layer1", "layer2", "layer3", "layer4"):
-            x = getattr(self, name)(x)
+            layer = getattr(self, name)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
             feats.append(x)
         return feats
 

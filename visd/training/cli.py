@@ -8,8 +8,10 @@ Works as a plain command (one process) and under ``torchrun``::
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+from pathlib import Path
 
 __all__ = ["add_train_parser"]
 
@@ -18,11 +20,14 @@ logger = logging.getLogger(__name__)
 
 def _train(args: argparse.Namespace) -> int:
     from visd.training.config import TrainConfig
-    from visd.training.engine import train
+    from visd.training.engine import SUMMARY_FILE, train
+    from visd.training.summary import format_summary
 
     config = TrainConfig.from_file(args.config)
     folder = train(config, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
+        summary = json.loads((Path(config.output_dir) / SUMMARY_FILE).read_text())
+        print(format_summary(summary))
         print(f"trained model written to {folder}")
     return 0
 

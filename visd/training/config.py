@@ -205,6 +205,9 @@ class TrainConfig(_Config):
         checkpoint_every: optimizer steps between checkpoints (and one at each stage end).
         keep_checkpoints: how many of the newest checkpoints to keep.
         log_every: optimizer steps between log rows.
+        organ_check_steps: an objective that has used no organ after this many optimizer steps of a
+            stage (or by the end of a shorter stage) stops the run with an error
+            (:mod:`visd.training.summary`); every step in which it used none logs a warning.
         tensorboard: also write TensorBoard events (needs ``tensorboard``).
         progress_bar: tqdm bar on rank 0 when stderr is a terminal.
         device: ``cpu``, ``cuda`` or None (CUDA when available).
@@ -223,6 +226,7 @@ class TrainConfig(_Config):
     checkpoint_every: int = Field(1000, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
     log_every: int = Field(1, ge=1)
+    organ_check_steps: int = Field(10, ge=1)
     tensorboard: bool = False
     progress_bar: bool = True
     device: Literal["cpu", "cuda"] | None = None

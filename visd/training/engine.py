@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from visd._io import atomic_write_text
 from visd.errors import ConfigError, InputError
 from visd.models.model import ViSDModel
 from visd.training import _fault
@@ -46,17 +47,20 @@ from visd.training.manifest import read_manifest
 from visd.training.stages import (
     StageObjective,
     configure_trainable,
-    disable_gradient_checkpointing,
-    enable_gradient_checkpointing,
     make_momentum,
     momentum_keys,
     set_train_modes,
     update_momentum,
 )
+from visd.training.summary import StageTally, format_summary
+from visd.training.usage import OrganUsage
 
-__all__ = ["train", "build_model", "Position"]
+__all__ = ["train", "build_model", "Position", "SUMMARY_FILE"]
 
 logger = logging.getLogger(__name__)
+
+#: The per-stage summary (steps, mean loss per objective, organs used), written to ``output_dir`` at the end.
+SUMMARY_FILE = "summary.json"
 
 #: Settings that must not change between a run and its resumption.
 _RESUME_KEYS = ("model", "stages", "seed", "precision", "batchnorm")
@@ -158,6 +162,8 @@ class _Run:
         self.start = time.monotonic()
         self.state: dict[str, Any] | None = None
         self.position = Position()
+        self.summaries: list[dict[str, Any]] = []  # StageTally.summary() of the finished stages
+        self.written: list[Path] = []  # checkpoints this call wrote in the current stage
         if env.rank == 0:
             ckpt.remove_temporaries(self.ckpt_dir)
         env.barrier()
@@ -170,6 +176,7 @@ class _Run:
             self.state = found[1] if found and found[0] == path else ckpt.load_checkpoint(path)
             _check_resume(config, self.state, env.world)
             self.position = Position(**self.state["position"])
+            self.summaries = list(self.state.get("summaries") or [])
             logger.info("resuming from %s (%s)", path, self.position)
         elif resume:
             logger.warning("--resume: no checkpoint in %s, starting a new run", self.ckpt_dir)
@@ -188,8 +195,7 @@ class _Run:
             if env.device.type != "cuda":
                 raise ConfigError("batchnorm: sync needs CUDA (SyncBatchNorm); use 'batch' or 'running' on the CPU")
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        if config.gradient_checkpointing:
-            enable_gradient_checkpointing(self.model)
+        self.model.set_grad_checkpointing(config.gradient_checkpointing)
         self.records = read_manifest(config.data.manifest, self.model.organs)
         cache_dir = config.data.cache_dir or str(self.out / "cache")
         self.cache = PreprocessCache(cache_dir, self.model.config, config.data.mask_format, config.data.cache_dtype)
@@ -214,12 +220,27 @@ class _Run:
                 "position": asdict(position),
                 "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                 "rng": rng,
+                "summaries": self.summaries,
                 **objects,
             }
             path = ckpt.atomic_save(state, ckpt.checkpoint_path(self.ckpt_dir, position.step), step=position.step)
+            self.written.append(path)
             ckpt.prune_checkpoints(self.ckpt_dir, self.config.keep_checkpoints)
             logger.info("saved %s", path)
         self.env.barrier()
+
+    def _remove_written(self) -> None:
+        """Delete the checkpoints this call wrote in the current stage (a stage that trained nothing)."""
+        if self.env.rank == 0:
+            for path in self.written:
+                path.unlink(missing_ok=True)
+                logger.info("removed %s", path)
+        self.written = []
+        self.env.barrier()
+
+    def _scan_shapes(self) -> list[tuple[int, ...]]:
+        """``(D, H, W)`` of the first preprocessed scans (for error hints; they are cached by now)."""
+        return [tuple(self.cache.load(r)[0].shape) for r in self.records[:8]]
 
     def _reduce(self, metrics: dict[str, torch.Tensor]) -> dict[str, float]:
         names = sorted(metrics)
@@ -237,9 +258,11 @@ class _Run:
             self.run_stage(si, stage)
         export = self.out / "model"
         if self.env.rank == 0:
-            disable_gradient_checkpointing(self.model)
+            self.model.set_grad_checkpointing(False)
             self.model.eval().save_pretrained(export)
             logger.info("exported the trained model to %s", export)
+            atomic_write_text(self.out / SUMMARY_FILE, json.dumps(self.summaries, indent=2) + "\n")
+            logger.info("training summary:\n%s", format_summary(self.summaries))
         self.env.barrier()
         self.log.close()
         return export
@@ -279,6 +302,9 @@ class _Run:
         objective = StageObjective(model, stage)
         wrapped = DistributedDataParallel(objective) if env.world > 1 else objective
         stage_step = 0
+        self.written = []
+        tally = StageTally(stage.label, stage.objectives, model.organs,
+                           self.state.get("tally") if resuming and self.state is not None else None)
         if resuming:
             assert self.state is not None
             if self.state.get("optimizer") is not None:
@@ -299,6 +325,7 @@ class _Run:
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 "momentum": {k: v.detach().cpu() for k, v in momentum.state_dict().items()} if momentum else None,
+                "tally": tally.to_state(),
             }
 
         bar = progress_bar(total, stage_step, stage.label, enabled=env.rank == 0 and config.progress_bar)
@@ -313,6 +340,7 @@ class _Run:
                 seed=config.seed * 1_000_003 + si * 10_007 + epoch,
             )
             sums: dict[str, torch.Tensor] = {}
+            usage = OrganUsage()
             for i, batch in enumerate(loader, start=first):
                 batch = batch.to(env.device, non_blocking=True)
                 last = (i + 1) % accum == 0
@@ -327,6 +355,7 @@ class _Run:
                     scaler.scale(out.loss / accum).backward()
                 for k, v in out.metrics.items():
                     sums[k] = sums.get(k, 0) + v.detach() / accum
+                usage = usage + out.usage  # summed over micro-batches
                 if not last:
                     continue
                 if stage.grad_clip is not None:
@@ -341,14 +370,22 @@ class _Run:
                     update_momentum(model, momentum, stage.momentum)
                 step, stage_step = step + 1, stage_step + 1
                 bar.update(1)
+                metrics = self._reduce(sums)
+                tally.add(metrics, usage)
+                for obj in usage.unused_objectives():
+                    logger.warning("step %d [%s]: the %s objective %s", step, stage.label, obj,
+                                   usage.describe(obj, model.organs))
                 if stage_step % config.log_every == 0 or stage_step == total:
-                    metrics = self._reduce(sums)
                     row = {"step": step, "stage": stage.label, "epoch": epoch, "batch": i + 1, "lr": lr, **metrics,
-                           "elapsed_s": round(time.monotonic() - self.start, 3)}
+                           **usage.columns(), "elapsed_s": round(time.monotonic() - self.start, 3)}
                     self.log.write(row)
                     logger.info("step %d [%s] loss %.5f lr %.3g", step, stage.label, metrics.get("loss", float("nan")), lr)
-                sums = {}
+                sums, usage = {}, OrganUsage()
                 finished = stage_step >= total
+                if stage_step == config.organ_check_steps or (finished and stage_step < config.organ_check_steps):
+                    if tally.failure(model.config) is not None:
+                        self._remove_written()
+                        raise tally.failure(model.config, self._scan_shapes())
                 end_of_epoch = i + 1 == len(batches)
                 if not finished and step % config.checkpoint_every == 0:
                     nxt = Position(si, epoch + 1, 0, step, stage_step) if end_of_epoch else (
@@ -360,9 +397,10 @@ class _Run:
                     break
             epoch += 1
         bar.close()
+        self.summaries.append(tally.summary())
         self.position = Position(si + 1, 0, 0, step, 0)
         self.state = None
-        self.save(self.position, {"optimizer": None, "scheduler": None, "scaler": None, "momentum": None})
+        self.save(self.position, {"optimizer": None, "scheduler": None, "scaler": None, "momentum": None, "tally": None})
 
 
 def train(config: TrainConfig, *, resume: bool = False) -> Path:
@@ -370,7 +408,13 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
 
     Under ``torchrun`` every process calls this. With ``resume``, the newest checkpoint in
     ``<output_dir>/checkpoints`` is continued (a fresh run starts when there is none); without it,
-    existing checkpoints are an error, so a run is never overwritten by accident.
+    existing checkpoints are an error, so a run is never overwritten by accident. At the end,
+    ``<output_dir>/summary.json`` holds per stage the steps, the mean loss of each objective and the
+    organs it used (:meth:`visd.training.summary.StageTally.summary`).
+
+    Raises:
+        InputError: an objective used no organ in the first ``config.organ_check_steps`` steps of a
+            stage (the message says why; the checkpoints this call wrote in that stage are removed).
 
     While it runs, ``config.deterministic`` turns on ``torch.use_deterministic_algorithms(True,
     warn_only=True)`` (and deterministic cuDNN); the previous settings are restored afterwards.

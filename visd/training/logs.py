@@ -1,7 +1,9 @@
 """Training logs: a CSV file (always), TensorBoard events (optional) and a progress bar.
 
 Only the process of rank 0 writes. ``metrics.csv`` has one row per logged optimizer step with a
-fixed set of columns (empty where a stage has no such value); floats are written with ``repr`` so
+fixed set of columns (empty where a stage has no such value), among them the organ counts of each
+objective (:func:`visd.training.usage.usage_columns`: ``<objective>_organs`` used, then one column
+per reason the others were not); floats are written with ``repr`` so
 they read back bit-exact. On resume the rows after the checkpoint's step are dropped, so a resumed
 run's file reads as if the run had never stopped.
 """
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from visd.errors import MissingDependencyError
+from visd.training.usage import usage_columns
 
 __all__ = ["COLUMNS", "MetricsLog", "read_metrics", "progress_bar"]
 
@@ -23,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 COLUMNS = (
     "step", "stage", "epoch", "batch", "lr", "loss", "alignment", "disease", "normality", "reconstruction",
-    "commitment", "temperature", "perplexity", "unused_codes", "dead_codes", "normal_organs", "elapsed_s",
+    "commitment", "temperature", "perplexity", "unused_codes", "dead_codes", *usage_columns(), "elapsed_s",
 )
 
 

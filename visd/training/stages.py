@@ -29,12 +29,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.checkpoint import checkpoint
 
 from visd.models.model import ViSDModel
 from visd.models.normality import minmax_scale
 from visd.models.vision import organ_token_flags
-from visd.models.windows import _touches_border
 from visd.training.config import MODULE_GROUPS, StageConfig
 from visd.training.data import Batch
 from visd.training.distributed import rank_and_world_size
@@ -46,6 +44,14 @@ from visd.training.losses import (
     momentum_update,
     normality_loss,
 )
+from visd.training.usage import (
+    OrganUsage,
+    alignment_counts,
+    crop_codes,
+    disease_counts,
+    normality_counts,
+    reduce_usage,
+)
 
 __all__ = [
     "StageLoss",
@@ -56,8 +62,6 @@ __all__ = [
     "make_momentum",
     "update_momentum",
     "momentum_keys",
-    "enable_gradient_checkpointing",
-    "disable_gradient_checkpointing",
 ]
 
 TEMPERATURE_RANGE = (0.001, 0.5)
@@ -70,10 +74,13 @@ class StageLoss:
     Attributes:
         loss: the scalar to backpropagate (this process's share, see :mod:`visd.training.losses`).
         metrics: detached scalars to log; averaging them over processes gives the global values.
+        usage: which (scan, organ) pairs each objective used, over the global batch
+            (:mod:`visd.training.usage`; the same on every process).
     """
 
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    usage: OrganUsage = field(default_factory=OrganUsage)
 
 
 def group_modules(model: ViSDModel) -> dict[str, list[nn.Parameter]]:
@@ -150,32 +157,6 @@ def momentum_keys(model: ViSDModel, momentum: ViSDModel, batch: Batch) -> tuple[
     return out.organ_embeddings.detach(), out.organ_valid
 
 
-# -- gradient checkpointing -------------------------------------------------------------------------
-class _CheckpointedStage(nn.Sequential):
-    """A backbone stage whose activations are recomputed in the backward pass (same parameters and keys)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
-            return checkpoint(nn.Sequential.forward, self, x, use_reentrant=False)
-        return nn.Sequential.forward(self, x)
-
-
-def enable_gradient_checkpointing(model: ViSDModel) -> None:
-    """Checkpoint the backbone's four stages (state dict keys unchanged). BatchNorm layers in train
-    mode update their running statistics again during the recomputation."""
-    for name in ("layer1", "layer2", "layer3", "layer4"):
-        layer = getattr(model.vision.backbone, name)
-        if type(layer) is nn.Sequential:
-            layer.__class__ = _CheckpointedStage
-
-
-def disable_gradient_checkpointing(model: ViSDModel) -> None:
-    for name in ("layer1", "layer2", "layer3", "layer4"):
-        layer = getattr(model.vision.backbone, name)
-        if type(layer) is _CheckpointedStage:
-            layer.__class__ = nn.Sequential
-
-
 # -- the objectives ---------------------------------------------------------------------------------
 class StageObjective(nn.Module):
     """The loss of one stage as a module (the unit DDP wraps).
@@ -216,12 +197,16 @@ class StageObjective(nn.Module):
         )
         total = out.organ_embeddings.new_zeros(())
         metrics: dict[str, torch.Tensor] = {}
+        codes = crop_codes(batch.mask, len(model.organs))
+        assert torch.equal(codes == 0, out.organ_valid.cpu()), "the model's valid organs disagree with exclusion_reason"
+        counts: dict[str, torch.Tensor] = {}
         if align:
             b, o = out.organ_embeddings.shape[:2]
             text = out.text_embeddings.reshape(b, o, -1)
             ids = hash_texts(batch.texts).to(out.organ_embeddings.device)
             a = anatomy_alignment_loss(out.organ_embeddings, text, out.organ_valid, batch.abnormal, ids, out.temperature)
             total = total + stage.weight("alignment") * a.loss
+            counts["alignment"] = alignment_counts(codes, a.skipped)
             metrics["alignment"] = a.loss.detach().float()
             metrics["temperature"] = out.temperature.detach().float()
         if "disease" in stage.objectives:
@@ -234,8 +219,12 @@ class StageObjective(nn.Module):
             )
             total = total + stage.weight("disease") * d.loss
             metrics["disease"] = d.loss.detach().float()
+            assert batch.mask2 is not None
+            codes2 = crop_codes(batch.mask2, len(model.organs))
+            assert torch.equal(codes2 == 0, key_valid.cpu()), "the momentum keys' valid organs disagree with exclusion_reason"
+            counts["disease"] = disease_counts(codes, codes2)
         metrics["loss"] = total.detach().float()
-        return StageLoss(total, metrics)
+        return StageLoss(total, metrics, reduce_usage(counts, out.organ_embeddings.device))
 
     def _normality(self, batch: Batch) -> StageLoss:
         model = self.model
@@ -245,21 +234,15 @@ class StageObjective(nn.Module):
         with torch.no_grad():
             levels = model.vision(batch.image)
             flags = organ_token_flags(mask, n_organs)
-        items = []
-        for b in range(mask.shape[0]):
-            for o in range(n_organs):
-                organ = mask[b] == o + 1
-                if bool(batch.abnormal[b, o]) or not bool(organ.any()) or _touches_border(organ):
-                    continue
-                items.append((b, o))
+        codes = crop_codes(mask, n_organs)
+        normal = (codes == 0) & ~batch.abnormal.cpu().bool()
+        items = [(b, o) for b in range(mask.shape[0]) for o in range(n_organs) if bool(normal[b, o])]
+        usage = reduce_usage({"normality": normality_counts(codes, batch.abnormal)}, mask.device)
         _, world = rank_and_world_size()
-        count = torch.tensor([len(items)], dtype=torch.int64, device=mask.device)
-        if world > 1:
-            dist.all_reduce(count)
-        n_global = int(count)
+        n_global = usage.used("normality")
         zero = levels[3].new_zeros(()).float()
         if n_global == 0:  # the same decision on every process: no quantiser call, no codebook update
-            return StageLoss(zero, {"loss": zero, "normality": zero, "normal_organs": zero.clone()})
+            return StageLoss(zero, {"loss": zero, "normality": zero}, usage)
         scaled, encoded = [], []
         for b, o in items:
             s, _, _ = minmax_scale(levels[3][b][flags[3][b, o]].detach())
@@ -282,10 +265,9 @@ class StageObjective(nn.Module):
             "normality": loss.detach(),
             "reconstruction": (recon_sum * scale).detach(),
             "commitment": (commit_sum * scale).detach(),
-            "normal_organs": torch.tensor(float(n_global), device=mask.device),  # the same on every process
         }
         metrics.update(_codebook_metrics(normality.quantizer, vq.codes, world))
-        return StageLoss(loss, metrics)
+        return StageLoss(loss, metrics, usage)
 
 
 @torch.no_grad()
