@@ -143,7 +143,7 @@ class PretrainedEntry:
                                   "the text-encoder folder")
             from visd.config import ViSDConfig
 
-            ViSDConfig.model_validate(dict(self.config))  # a typo fails at registration, not after the download
+            ViSDConfig.from_dict(dict(self.config))  # a typo fails at registration, not after the download
             object.__setattr__(self, "config", json.loads(json.dumps(dict(self.config))))
 
     def model_config(self, text_encoder: Path):
@@ -153,7 +153,7 @@ class PretrainedEntry:
         from visd.config import ViSDConfig
         from visd.models.official import text_config_from_bert
 
-        return ViSDConfig.model_validate({**self.config, "text": text_config_from_bert(text_encoder)})
+        return ViSDConfig.from_dict({**self.config, "text": text_config_from_bert(text_encoder).model_dump()})
 
     def fingerprint(self) -> dict:
         """What the converted folder was made from: the content of its completion marker."""

@@ -95,15 +95,13 @@ class ReleaseSite:
     def register(self, name: str = TINY_NAME, *, files: list[dict] | None = None, **changes):
         import visd
 
+        fields = {"description": "tiny official-format release for tests", "license": "test licence",
+                  "citation": "test citation", "config": tiny_release_config()} | changes
         return visd.register_pretrained(
             name,
             files=files if files is not None else self.tiny.registered(self.release.endpoint),
             text_encoder={"repo_id": TEXT_REPO, "revision": self.text_revision},
-            description="tiny official-format release for tests",
-            license="test licence",
-            citation="test citation",
-            config=tiny_release_config(),
-            **changes,
+            **fields,
         )
 
     def requests(self) -> list:
