@@ -203,3 +203,21 @@ def test_a_folder_from_other_files_is_replaced(release_site):
     assert again == first and not (again / "stale.txt").exists()
     assert ViSDModel.from_pretrained(TINY_NAME).config.temperature == 0.05
 
+
+
+def test_leftovers_of_a_killed_conversion_are_not_used_and_are_removed(release_site):
+    parent = pretrained.cache_folder(TINY_NAME).parent
+    leftover = parent / f".{TINY_NAME}.tmp-killed"
+    make_tiny_model(seed=4).save_pretrained(leftover)  # complete-looking, with a marker, but never renamed
+    (leftover / pretrained.MARKER_NAME).write_text(json.dumps(pretrained.get_pretrained(TINY_NAME).fingerprint()))
+    assert pretrained.cached_folder(TINY_NAME) is None
+    _assert_same_weights(ViSDModel.from_pretrained(TINY_NAME), _reference(release_site.tiny))
+    assert not leftover.exists()
+
+
+def test_a_missing_file_names_the_http_answer(release_site):
+    files = release_site.tiny.registered(release_site.release.endpoint)
+    files[0]["url"] = files[0]["url"].replace("/raw/0123abc/", "/raw/fffffff/")
+    release_site.register(files=files, overwrite=True)
+    with pytest.raises(WeightsNotFoundError, match=r"(?s)raw/fffffff/checkpoint_vqvae.pth answered HTTP 404.*visd convert"):
+        pretrained.fetch_pretrained(TINY_NAME, progress=False)
