@@ -21,6 +21,8 @@ def test_all_is_pinned():
         "WeightsNotFoundError",
         "ZeroShotResult",
         "__version__",
+        "list_pretrained",
+        "register_pretrained",
     ]
     for name in visd.__all__:
         assert getattr(visd, name) is not None

@@ -3,7 +3,7 @@
 The one obvious way in::
 
     from visd import ViSDModel
-    model = ViSDModel.from_pretrained("path/or/org-name")
+    model = ViSDModel.from_pretrained("visd-boost-ctrate")  # or a folder, or a Hub repo id
     result = model.zero_shot_classify(image, organ_mask)
 
 Everything else lives in subpackages (:mod:`visd.data`, :mod:`visd.zero_shot`, :mod:`visd.training`,
@@ -26,6 +26,7 @@ from visd.errors import (
 
 if TYPE_CHECKING:
     from visd.models import OrganEmbeddings, ViSDModel, ViSDOutput, ZeroShotResult
+    from visd.pretrained import list_pretrained, register_pretrained
 
 __all__ = [
     "CheckpointMismatchError",
@@ -41,9 +42,12 @@ __all__ = [
     "WeightsNotFoundError",
     "ZeroShotResult",
     "__version__",
+    "list_pretrained",
+    "register_pretrained",
 ]
 
 _LAZY = {"ViSDModel", "OrganEmbeddings", "ViSDOutput", "ZeroShotResult"}
+_LAZY_PRETRAINED = {"list_pretrained", "register_pretrained"}
 
 
 def __getattr__(name: str) -> Any:
@@ -51,4 +55,8 @@ def __getattr__(name: str) -> Any:
         import visd.models
 
         return getattr(visd.models, name)
+    if name in _LAZY_PRETRAINED:
+        import visd.pretrained
+
+        return getattr(visd.pretrained, name)
     raise AttributeError(f"module 'visd' has no attribute {name!r}")

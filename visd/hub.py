@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from visd import pretrained
 from visd._io import atomic_path
 from visd.config import ViSDConfig
 from visd.errors import (
@@ -24,6 +25,7 @@ from visd.errors import (
     ConfigError,
     HubAuthError,
     WeightsNotFoundError,
+    did_you_mean,
 )
 
 if TYPE_CHECKING:
@@ -143,14 +145,29 @@ def _looks_like_path(source: str) -> bool:
 def resolve_source(
     source: str | Path, *, revision: str | None = None, cache_dir: str | Path | None = None, local_files_only: bool = False
 ) -> Path:
-    """The local folder holding the model files: ``source`` itself, or a Hub snapshot in the cache."""
+    """The local folder holding the model files.
+
+    Precedence: an existing local folder; then a registered name (:func:`visd.list_pretrained`),
+    converted into the visd cache on first use (``cache_dir`` is then the visd cache root); then a
+    Hugging Face Hub repo id ``org/name`` (a snapshot in the HF cache, ``cache_dir`` its location).
+    A name never shadows a folder; names hold no ``/``, so they never read as repo ids either.
+    """
     path = Path(os.path.expanduser(str(source)))
     if path.is_dir():
         return path
     text = str(source)
+    if not isinstance(source, Path) and text in pretrained.list_pretrained():
+        if revision is not None:
+            raise ConfigError(
+                f"revision={revision!r} was passed with the registered name {text!r}, whose files are pinned by its "
+                "registry entry. Drop revision, or pass a Hub repo id ('org/name') to pick a revision."
+            )
+        return pretrained.resolve_pretrained(text, cache_dir=cache_dir, local_files_only=local_files_only)
     if isinstance(source, Path) or _looks_like_path(text):
+        names = pretrained.list_pretrained()
         raise WeightsNotFoundError(
-            f"model folder not found: {text!r}. Pass an existing folder written by save_pretrained, "
+            f"model folder not found: {text!r}.{did_you_mean(text, names)} Pass an existing folder written by "
+            f"save_pretrained, a registered name ({', '.join(names)}; see visd.list_pretrained()), "
             "or a Hugging Face Hub repo id like 'org/name'."
         )
     from huggingface_hub import snapshot_download
@@ -192,7 +209,7 @@ def from_pretrained(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
 ) -> "ViSDModel":
-    """Load a model folder or Hub repo strictly; returns the model in eval mode."""
+    """Load a model folder, registered name or Hub repo strictly (see :func:`resolve_source`); eval mode."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 

@@ -414,7 +414,13 @@ class ViSDModel(nn.Module):
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> "ViSDModel":
-        """Load a model from a local folder or a Hugging Face Hub repo id (``org/name``), in eval mode."""
+        """Load a model in eval mode from a local folder, a registered name or a Hub repo id (``org/name``).
+
+        An existing folder wins over a registered name (:func:`visd.list_pretrained`, e.g.
+        ``"visd-boost-ctrate"``), which is downloaded, verified and converted once into the visd cache
+        (``cache_dir`` then names the visd cache root; see :func:`visd.pretrained.fetch_pretrained`); any
+        other ``org/name`` is a Hugging Face Hub repo (``cache_dir``: the HF cache).
+        """
         from visd.hub import from_pretrained
 
         return from_pretrained(
