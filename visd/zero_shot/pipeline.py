@@ -197,9 +197,13 @@ def _diagnose_one(
         emb[organs.index(organ)] = organ_emb.embeddings[row].detach().float().cpu().numpy()
     maps = None
     if anomaly_maps_dir is not None:
+        top: dict[str, tuple[str, float]] = {}  # each organ's most probable finding, for the PNG's titles
+        for s in result.scores:
+            if s.status == "scored" and (s.organ not in top or s.probability > top[s.organ][1]):
+                top[s.organ] = (s.finding, float(s.probability))
         maps = write_anomaly_map(
             anomaly_map(organ_emb, case.mask, organs), case, anomaly_maps_dir, item.scan, organs=organs,
-            spacing=model.config.preprocess.spacing, hu_window=model.config.preprocess.hu_window,
+            spacing=model.config.preprocess.spacing, hu_window=model.config.preprocess.hu_window, scores=top,
         )
     rows = [(s.organ, s.finding, s.probability, s.status) for s in result.scores]
     return ScanOutcome(item.scan, path, rows, emb, maps)
