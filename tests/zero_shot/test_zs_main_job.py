@@ -1,0 +1,134 @@
+"""The main job in one command: ``visd diagnose scan.nii.gz --segment --out results.csv``.
+
+The default model is the named official one; the findings are printed as well as written; a
+TotalSegmentator that cannot run fails each scan with one line and leaves nothing that blocks the next run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+
+from conftest import make_tiny_model, save_in_cache
+
+from .conftest import CT, SEG
+
+_NO_TOTALSEGMENTATOR = (  # the visd command as where TotalSegmentator is not installed (its import fails)
+    "import sys; sys.modules['totalsegmentator'] = None; from visd.cli import main; sys.exit(main())"
+)
+
+
+def _visd(*args, code=None):
+    head = ["-c", code] if code else ["-m", "visd.cli"]
+    return subprocess.run([sys.executable, *head, *map(str, args)], capture_output=True, text=True)
+
+
+def parse_table(text: str) -> pd.DataFrame:
+    """The rows of the printed findings table (``DiagnosisReport.format_table``) as a DataFrame."""
+    rows, scan = [], None
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("diagnosed "):
+            continue
+        if not line.startswith("  "):
+            scan, _, error = line.partition(": error: ")
+            if error:
+                rows.append(dict(scan=scan, organ="", finding="", probability=np.nan, status="error: " + error))
+            continue
+        organ, finding, probability, status = re.split(r"\s{2,}", line.strip())
+        if organ == "organ":
+            continue
+        rows.append(dict(scan=scan, organ=organ, finding=finding,
+                         probability=np.nan if probability == "-" else float(probability), status=status))
+    return pd.DataFrame(rows)
+
+
+def assert_table_is_the_csv(printed: pd.DataFrame, csv: pd.DataFrame) -> None:
+    """Scored rows one by one (3 decimals); the findings of an unscored organ as one '(n findings)' row;
+    a failed scan as one error line."""
+    expected = []
+    for scan, rows in csv.groupby("scan", sort=False):
+        if rows.status.str.startswith("error: ").all():
+            expected.append((scan, "", "", np.nan, rows.status.iloc[0]))
+            continue
+        seen = set()
+        for r in rows.itertuples():
+            if r.status == "scored":
+                expected.append((scan, r.organ, r.finding, round(r.probability, 3), "scored"))
+            elif (r.organ, r.status) not in seen:
+                seen.add((r.organ, r.status))
+                n = int(((rows.organ == r.organ) & (rows.status == r.status)).sum())
+                expected.append((scan, r.organ, r.finding if n == 1 else f"({n} findings)", np.nan, r.status))
+    got = list(printed.itertuples(index=False, name=None))
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert g[:3] == e[:3] and g[4] == e[4], (g, e)
+        assert (np.isnan(g[3]) and np.isnan(e[3])) or abs(g[3] - e[3]) < 1e-9, (g, e)
+
+
+def test_without_model_the_named_default_is_used_and_the_table_is_printed(tmp_path, reference, monkeypatch):
+    from visd.pretrained import DEFAULT_MODEL
+
+    assert DEFAULT_MODEL == "visd-boost-ctrate"
+    monkeypatch.setenv("VISD_HOME", str(tmp_path / "home"))  # for this process and the visd subprocess
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    save_in_cache(make_tiny_model(seed=0), DEFAULT_MODEL)  # the model of `reference`, as if fetched before
+    out = tmp_path / "results.csv"
+    proc = _visd("diagnose", CT, "--mask", SEG, "--out", out, "--no-progress")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    csv = pd.read_csv(out)
+    scored = csv[csv.status == "scored"]
+    want = {(s.organ, s.finding): s.probability for s in reference.scores if s.status == "scored"}
+    assert len(scored) == len(want) > 0
+    np.testing.assert_allclose(scored.probability, [want[(o, f)] for o, f in zip(scored.organ, scored.finding)],
+                               atol=1e-5)  # the cached model's results: the default name resolved to it
+    assert_table_is_the_csv(parse_table(proc.stdout), csv)
+    assert set(parse_table(proc.stdout).status) == {"scored", "organ_absent"}
+
+
+def test_help_names_the_default_model():
+    from visd.pretrained import DEFAULT_MODEL
+
+    proc = _visd("diagnose", "--help")
+    assert proc.returncode == 0 and f"(default: {DEFAULT_MODEL}," in " ".join(proc.stdout.split())
+
+
+def test_segment_without_totalsegmentator_fails_each_scan_in_one_line(tmp_path, model_dir):
+    """TotalSegmentator not installed: one line per scan, exit 1, no traceback, no journal; the next run starts."""
+    scans = [CT, tmp_path / "second.nii.gz"]
+    scans[1].write_bytes(CT.read_bytes())
+    out = tmp_path / "results.csv"
+    args = ["diagnose", *scans, "--segment", "--model", model_dir, "--out", out, "--no-progress"]
+    for attempt in range(2):  # the second run without --resume starts: the first left nothing in its way
+        proc = _visd(*args, code=_NO_TOTALSEGMENTATOR)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        lines = proc.stderr.strip().split("\n")
+        assert len(lines) == 2, proc.stderr
+        for line, scan in zip(lines, ("abdomen_3mm", "second")):
+            assert f"skipped scan {scan!r}: organ segmentation needs TotalSegmentator" in line
+            assert 'pip install "visd[segment]"' in line and "--mask" in line
+        assert not (tmp_path / "results.csv.journal").exists()
+        assert "diagnosed 2 scan(s): 0 ok, 2 failed" in proc.stdout
+        csv = pd.read_csv(out)
+        assert csv.probability.isna().all() and csv.status.str.contains("needs TotalSegmentator").all()
+        assert_table_is_the_csv(parse_table(proc.stdout), csv)
+
+
+def test_a_header_only_journal_does_not_block_a_new_run(tmp_path, model_dir):
+    """A journal without a diagnosed scan (left by an older visd) holds nothing to resume."""
+    import json
+
+    from visd.zero_shot.journal import JOURNAL_FORMAT, holds_scans
+
+    journal = tmp_path / "r.csv.journal"
+    journal.write_text(json.dumps({"format": JOURNAL_FORMAT, "fingerprint": "x", "embeddings_shape": [4, 32]}) + "\n")
+    assert not holds_scans(journal)
+    journal.write_text(journal.read_text() + '{"scan": "a"}\n')
+    assert holds_scans(journal)
+    (tmp_path / "other.journal").write_text("scan,organ\n")
+    assert holds_scans(tmp_path / "other.journal")  # not a journal: never replaced silently
+    assert not holds_scans(tmp_path / "missing.journal")
