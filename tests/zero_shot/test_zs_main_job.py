@@ -89,3 +89,37 @@ def test_a_header_only_journal_does_not_block_a_new_run(tmp_path, model_dir):
     (tmp_path / "other.journal").write_text("scan,organ\n")
     assert holds_scans(tmp_path / "other.journal")  # not a journal: never replaced silently
     assert not holds_scans(tmp_path / "missing.journal")
+
+
+def test_segment_with_weights_out_of_reach_fails_each_scan_in_one_line(tmp_path, model, reference):
+    """A TotalSegmentator whose weight download fails (a real refused connection): each scan without a
+    mask is skipped with one line naming the failure; a scan with its mask is diagnosed."""
+    import socket
+
+    from visd.zero_shot import diagnose
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    package = tmp_path / "site" / "totalsegmentator"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "config.py").write_text("def setup_totalseg():\n    pass\n\n\ndef set_config_key(key, value):\n    pass\n")
+    (package / "python_api.py").write_text(  # the first step of a first run: fetch the weights
+        "import urllib.request\n\n\ndef totalsegmentator(input, output, **kwargs):\n"
+        f"    urllib.request.urlopen('http://127.0.0.1:{port}/Dataset291_TotalSegmentator.zip', timeout=5)\n"
+    )
+    sys.path.insert(0, str(package.parent))
+    try:
+        report = diagnose([CT, CT], [None, SEG], model, segment_dir=tmp_path / "seg", progress=False,
+                          scan_ids=["no_mask", "with_mask"])
+    finally:
+        sys.path.remove(str(package.parent))
+        for name in [m for m in sys.modules if m.split(".")[0] == "totalsegmentator"]:
+            del sys.modules[name]
+    ((scan, reason),) = report.failed
+    assert scan == "no_mask" and "\n" not in reason
+    assert reason.startswith("TotalSegmentator could not segment scan 'no_mask' (URLError:") and "--mask" in reason
+    done = report.to_pandas()
+    done = done[done.scan == "with_mask"]
+    assert list(done.status) == [s.status for s in reference.scores]

@@ -69,8 +69,8 @@ def _segment(source: str | os.PathLike, out_dir: Path, scan: str) -> Path:
         return segment(source, out_dir)
     except (InputError, MissingDependencyError):
         raise
-    except Exception as e:  # TotalSegmentator's own failures (weights not reachable, ...): this scan is skipped
-        reason = " ".join(str(e).split())[:300]
+    except (Exception, SystemExit) as e:  # TotalSegmentator's own failures (weights not reachable, ...), some
+        reason = " ".join(str(e).split())[:300]  # of which end in sys.exit(): this scan is skipped
         raise InputError(
             f"TotalSegmentator could not segment scan {scan!r} ({type(e).__name__}: {reason}). Check that it runs "
             "(TotalSegmentator -i CT -o OUT) and can reach its weights, or pass the scan's mask with --mask."
