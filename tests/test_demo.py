@@ -77,3 +77,16 @@ def test_the_official_model_in_the_cache_is_used(tmp_path, monkeypatch):
                                atol=1e-5)
     assert sorted(result.files) == ["anomaly_nifti", "anomaly_png", "csv", "json"]
     assert all(p.parent == tmp_path / "out" and p.is_file() for p in result.files.values())
+
+
+def test_the_demo_files_are_package_data():
+    """Every file of visd/demo_data matches a package-data pattern, so a wheel (pip install) carries it."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["visd"]
+    files = {p for p in (root / "visd" / "demo_data").rglob("*") if p.is_file()}
+    covered = {p for pattern in patterns for p in (root / "visd").glob(pattern)}
+    assert files and files <= covered, sorted(str(p) for p in files - covered)
+    assert "recursive-include visd/demo_data" in (root / "MANIFEST.in").read_text()  # and the sdist

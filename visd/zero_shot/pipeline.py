@@ -65,7 +65,7 @@ def diagnose(
         masks: one organ label map per input (TotalSegmentator output, file or per-class folder, or a
             map in the model's organ ids, see :func:`visd.data.read_organ_mask`); an entry may be
             ``None`` when ``segment_dir`` is given.
-        model: a :class:`~visd.ViSDModel`, or a folder / Hub repo id for ``ViSDModel.from_pretrained``.
+        model: a :class:`~visd.ViSDModel`, or a named model, folder or Hub repo id for ``ViSDModel.from_pretrained``.
         findings: ``None`` (the model's catalogue), a YAML/JSON findings file, or a list of findings
             (:func:`visd.zero_shot.as_findings`).
         mask_format: ``"auto"``, ``"visd"`` or ``"totalsegmentator"``.
