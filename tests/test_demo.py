@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 
@@ -33,10 +34,9 @@ def test_visd_demo_prints_the_table_and_writes_the_png(tmp_path):
     from visd.demo import demo_files, generated_model
 
     out = tmp_path / "visd-demo"
-    env_code = ("import os, sys; os.environ['VISD_HOME'] = sys.argv.pop(1); from visd.cli import main; "
-                "sys.exit(main())")
-    proc = subprocess.run([sys.executable, "-c", env_code, str(tmp_path / "empty-cache"), "demo", "--out", str(out),
-                           "--no-progress"], capture_output=True, text=True)
+    env = {**os.environ, "VISD_HOME": str(tmp_path / "empty-cache")}  # the official model is not in this cache
+    proc = subprocess.run([sys.executable, "-m", "visd.cli", "demo", "--out", str(out), "--no-progress"],
+                          capture_output=True, text=True, env=env)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert "GENERATED weights" in proc.stdout and "ITS PROBABILITIES MEAN NOTHING" in proc.stdout
     printed = parse_table(proc.stdout)
