@@ -43,6 +43,8 @@ def _optional_commands() -> list[Callable]:
     registrars = []
     for module, names in (
         ("visd.zero_shot.cli", ("add_diagnose_parser",)),
+        ("visd.data.cli", ("add_segment_parser",)),
+        ("visd.demo", ("add_demo_parser",)),
         ("visd.evaluation.cli", ("add_evaluate_parser", "add_probe_parser")),
         ("visd.training.cli", ("add_train_parser",)),
     ):

@@ -106,3 +106,18 @@ def test_report_with_a_finding_that_cannot_be_scored(tables, tmp_path):
     assert table.loc["Hiatal hernia", "AUC"] == "–"
     assert "only one class" in table.loc["Hiatal hernia", "Note"]
     assert table.loc["overall mean", "Pos/Neg"] == "3 findings"
+
+
+def test_roc_plots_show_the_counts_of_positives_and_negatives(tables):
+    from visd.evaluation.report import plot_roc_grid
+
+    long, _, labels = tables
+    ev = evaluate(long, labels, n_bootstrap=0)
+    fig = plot_roc_grid(ev, "lung")
+    shown = [t.get_text() for ax in fig.axes for t in ax.texts if "positive" in t.get_text()]
+    expected = []
+    for finding in ("Emphysema", "Lung nodule"):  # counted from the inputs: scored scans with each label
+        scored = long[(long.finding == finding) & long.probability.notna()].scan + ".nii.gz"
+        y = labels.set_index("VolumeName").loc[scored, finding]
+        expected.append(f"{int((y == 1).sum())} positive / {int((y == 0).sum())} negative")
+    assert shown == expected

@@ -132,3 +132,65 @@ def test_pick_slices_with_organs_equals_the_whole_volume_argmax():
             assert pick_slices(vol, 3, mask) == sorted(peaks)
             checked += 1
     assert checked >= 10
+
+
+def _half_slices_flipped(tmp_path):
+    """The abdomen CT and labels at 1.5 mm slices (each slice twice) stored inferior-up: same anatomy."""
+    import nibabel as nib
+
+    from .conftest import CT, SEG
+
+    out = []
+    for src, name in ((CT, "ct.nii.gz"), (SEG, "seg.nii.gz")):
+        img = nib.load(src)
+        data = np.repeat(np.asarray(img.dataobj), 2, axis=2)[:, :, ::-1]
+        affine = img.affine.copy()
+        affine[:3, 2] *= -0.5  # half the slice distance, reversed
+        affine[:3, 3] = img.affine[:3, 3] + img.affine[:3, 2] * (img.shape[2] - 0.75)  # the last half slice first
+        new = nib.Nifti1Image(np.ascontiguousarray(data), affine, img.header)
+        if name == "seg.nii.gz":
+            new.header.extensions.extend(img.header.extensions)
+        nib.save(new, tmp_path / name)
+        out.append(tmp_path / name)
+    return out
+
+
+@pytest.mark.parametrize("variant", ["as_stored", "half_slices_flipped"])
+def test_png_names_the_input_slice_of_the_organ(tmp_path, variant):
+    """Known answer: the slice a panel names holds the shown organ in the input label map, and the map
+    put back on the input grid (to_input_grid) lands on that slice; the padding is not drawn."""
+    import nibabel as nib
+
+    from visd.config import ViSDConfig
+    from visd.data import load_case, read_ct, read_organ_mask, to_input_grid
+    from visd.zero_shot import input_slice
+
+    from .conftest import CT, SEG
+
+    config = ViSDConfig()  # the official ROI: this scan is padded on every axis
+    ct, seg = (CT, SEG) if variant == "as_stored" else _half_slices_flipped(tmp_path)
+    case = load_case(ct, seg, config)
+    labels = read_organ_mask(seg, read_ct(ct), config)  # organ ids on the input grid
+    aorta = config.organs.index("aorta") + 1
+    depths = np.flatnonzero((case.mask == aorta).any(axis=(1, 2)))
+    d0 = int(depths[len(depths) // 3])
+    amap = np.zeros(case.image.shape, np.float32)
+    amap[d0][case.mask[d0] == aorta] = 1.0
+    fig = render_overlay(case.image, amap, case.mask, organs=config.organs, geometry=case.geometry,
+                         scores={"aorta": ("Arterial wall calcification", 0.25)}, n_slices=1)
+    axis, k = input_slice(case.geometry, d0)
+    n = nib.load(ct).shape[2]
+    assert axis == 2 and fig.axes[0].get_title() == (
+        f"aorta: input slice {k} of {n}\ndeviation max 1; Arterial wall calcification 0.25")
+    assert (labels[:, :, k] == aorta).any()
+    back = to_input_grid(amap, case.geometry, mode="nearest")
+    assert back[:, :, k].any()
+    if variant == "as_stored":  # 3 mm slices, stored inferior to superior: the crop offset only
+        assert k == d0 - case.geometry.pad[0][0] + case.geometry.crop_start[0]
+        assert np.flatnonzero(back.any(axis=(0, 1))).tolist() == [k]
+    else:
+        k0 = input_slice(load_case(CT, SEG, config).geometry, d0)[1]
+        assert k in (n - 1 - 2 * k0, n - 2 - 2 * k0)
+    assert all(sum(p) > 0 for p in case.geometry.pad)
+    shown = fig.axes[0].images[0].get_array().shape
+    assert shown == (case.image.shape[1] - sum(case.geometry.pad[1]), case.image.shape[2] - sum(case.geometry.pad[2]))

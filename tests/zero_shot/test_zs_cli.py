@@ -237,15 +237,6 @@ def test_bad_manifest_columns(tmp_path, capsys):
     assert code == 2 and "no 'image' column" in err and "Is 'images' the image column?" in err
 
 
-def test_segment_without_totalsegmentator_says_how_to_give_masks(tmp_path, model_dir, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "totalsegmentator", None)  # as if not installed: import fails
-    code = main(["diagnose", str(CT), "--segment", "--model", str(model_dir), "--out", str(tmp_path / "r.csv"),
-                 "--no-progress"])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1
-    assert "needs TotalSegmentator" in err and "--mask" in err and 'pip install "visd[segment]"' in err
-
-
 def test_registering_the_command_is_cheap_and_the_api_resolves():
     code = ("import sys, visd.zero_shot, visd.zero_shot.cli; assert 'torch' not in sys.modules, 'torch imported'; "
             "assert all(getattr(visd.zero_shot, n) is not None for n in visd.zero_shot.__all__)")

@@ -15,12 +15,17 @@ from .conftest import CT, SEG
 DOC = Path(__file__).resolve().parents[2] / "docs" / "diagnosis.md"
 
 
-def test_docs_examples_run(tmp_path, monkeypatch, model_dir):
+def test_docs_examples_run(tmp_path, monkeypatch, model):
+    from conftest import save_in_cache
+    from visd.pretrained import DEFAULT_MODEL
+
     text = DOC.read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     (yaml_block,) = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
     assert len(blocks) >= 3, "docs/diagnosis.md lost its Python examples"
-    shutil.copytree(model_dir, tmp_path / "visd-tiny")
+    monkeypatch.setenv("VISD_HOME", str(tmp_path / "visd-home"))  # the doc's named model: a cache hit
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    save_in_cache(model, DEFAULT_MODEL)
     shutil.copy(CT, tmp_path / "scan.nii.gz")
     shutil.copy(SEG, tmp_path / "scan_totalseg.nii.gz")
     (tmp_path / "my_findings.yaml").write_text(yaml_block)

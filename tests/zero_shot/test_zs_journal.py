@@ -110,3 +110,20 @@ def test_a_journal_of_another_setup_is_refused_and_kept(model, batch, tmp_path):
         diagnose(inputs, masks, model, journal=tmp_path / "not.journal", resume=True, progress=False)
     with pytest.raises(InputError, match="resume=True needs the journal"):
         diagnose(inputs, masks, model, resume=True, progress=False)
+
+
+def test_a_run_that_diagnosed_no_scan_leaves_no_journal(model, batch, tmp_path, monkeypatch):
+    """Stopped before its first scan finished, or every scan skipped: nothing asks for resume next time."""
+    from visd.zero_shot.journal import holds_scans
+
+    journal = tmp_path / "run.journal"
+    with monkeypatch.context() as m:
+        _counting(model, m, crash_at=1)
+        with pytest.raises(RuntimeError, match="power cut"):
+            _run(model, batch, tmp_path / "run", journal=journal)
+    assert not journal.exists()
+    inputs, masks = batch
+    report = diagnose([inputs[2]], [masks[2]], model, journal=journal, progress=False)  # the missing file only
+    assert len(report.failed) == 1 and not journal.exists()
+    _run(model, batch, tmp_path / "run", journal=journal)
+    assert holds_scans(journal)  # a run that diagnosed scans keeps them for resume

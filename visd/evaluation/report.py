@@ -6,7 +6,8 @@ Files written by :func:`write_report`:
   value formatted ``0.812 (0.771–0.850)`` (point estimate and bootstrap interval).
 * ``metrics_raw.csv``: the same numbers unformatted, with ``<metric>_low`` / ``<metric>_high`` columns.
 * ``roc_<organ>.png``: a grid of small ROC curves, one per finding of the organ, the AUC (and its
-  interval) in each title and the official threshold marked.
+  interval) in each title, the numbers of positive and negative scans on each plot and the official
+  threshold marked.
 * ``comparison.md`` / ``comparison.csv``: with a :class:`~visd.evaluation.pipeline.Comparison`.
 
 Matplotlib is used through ``Figure`` + ``FigureCanvasAgg`` only, so the global backend and pyplot
@@ -130,6 +131,11 @@ def _roc_points(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.
     return fpr, tpr
 
 
+def _counts_label(row: pd.Series) -> str:
+    """``"12 positive / 40 negative"``: the scans one ROC curve is computed from."""
+    return f"{int(row['n_positive'])} positive / {int(row['n_negative'])} negative"
+
+
 def plot_roc_grid(evaluation: Evaluation, organ: str):
     """A matplotlib ``Figure`` with one small ROC plot per finding of ``organ`` (no global state)."""
     from matplotlib.figure import Figure
@@ -151,6 +157,8 @@ def plot_roc_grid(evaluation: Evaluation, organ: str):
         ax.tick_params(labelsize=7)
         ax.set_xlabel("1 − specificity", fontsize=7)
         ax.set_ylabel("sensitivity", fontsize=7)
+        ax.text(0.97, 0.03, _counts_label(row), transform=ax.transAxes, ha="right", va="bottom", fontsize=7,
+                bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "0.8"})
         if row["reason"]:
             ax.set_title(f"{name}\nnot evaluable", fontsize=8)
             ax.text(0.5, 0.5, str(row["reason"]), ha="center", va="center", fontsize=6, wrap=True)

@@ -15,7 +15,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .anomaly import anomaly_map, pick_slices, render_overlay, write_anomaly_map
+    from .anomaly import anomaly_map, input_slice, pick_slices, render_overlay, write_anomaly_map
     from .findings import FindingLike, as_findings, load_findings
     from .pipeline import diagnose, scan_ids_for
     from .report import COLUMNS, DiagnosisReport
@@ -25,6 +25,7 @@ __all__ = [
     "DiagnosisReport",
     "FindingLike",
     "anomaly_map",
+    "input_slice",
     "as_findings",
     "diagnose",
     "load_findings",
@@ -36,6 +37,7 @@ __all__ = [
 
 _WHERE = {
     "anomaly_map": "anomaly",
+    "input_slice": "anomaly",
     "pick_slices": "anomaly",
     "render_overlay": "anomaly",
     "write_anomaly_map": "anomaly",

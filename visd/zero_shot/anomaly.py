@@ -5,25 +5,26 @@ The normality VQ-VAE reconstructs each level-4 organ token from a codebook of no
 original and reconstructed token. :func:`anomaly_map` places those distances on the preprocessed
 ``(D, H, W)`` grid (each level-4 token covers a 16 x 32 x 32 block of its organ's window), restricted
 to the organ's own voxels; :func:`write_anomaly_map` maps it onto the input scan's grid and writes a
-NIfTI file that overlays the input in any viewer, plus a PNG of a few axial slices.
+NIfTI file that overlays the input in any viewer, plus a PNG of a few axial slices, each titled with
+the input scan's slice number (:func:`input_slice`), its organ and that organ's finding.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from visd._io import atomic_path
-from visd.data import PreprocessedCase, to_input_grid
+from visd.data import PreprocessedCase, PreprocessGeometry, to_input_grid
 from visd.errors import InputError
 from visd.models.outputs import OrganEmbeddings
 from visd.models.vision import LEVEL_STRIDES
 
-__all__ = ["anomaly_map", "pick_slices", "render_overlay", "write_anomaly_map"]
+__all__ = ["anomaly_map", "input_slice", "pick_slices", "render_overlay", "write_anomaly_map"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,55 @@ def pick_slices(volume: np.ndarray, n: int = 3, organ_mask: np.ndarray | None = 
     return sorted(chosen)
 
 
+def input_slice(geometry: PreprocessGeometry, d: int) -> tuple[int, int]:
+    """The input scan's slice shown at axial slice ``d`` of the final grid: ``(array axis, index)``.
+
+    The final grid's D axis runs inferior to superior along one axis of the stored array (axis 2 for
+    axial scans); the index undoes the pad, the crop, the resize (the centre of the resized slice,
+    ``align_corners=False``) and the reorientation's flip. 0-based, as nibabel and numpy count.
+    """
+    (before, _), start = geometry.pad[0], geometry.crop_start[0]
+    resized = int(d) - before + start  # index along the reoriented, resized superior axis
+    n_resized, n_oriented = geometry.resized_shape[2], geometry.reorientation.target_shape[2]
+    oriented = int(np.floor((resized + 0.5) * n_oriented / n_resized))  # the input voxel holding the centre
+    oriented = min(max(oriented, 0), n_oriented - 1)
+    transform = geometry.reorientation.transform
+    axis = int(np.flatnonzero(transform[:, 0].astype(int) == 2)[0])
+    flipped = transform[axis, 1] < 0
+    return axis, (geometry.input_shape[axis] - 1 - oriented) if flipped else oriented
+
+
+def _inner(shape: Sequence[int], geometry: PreprocessGeometry | None) -> tuple[slice, slice, slice]:
+    """The final grid without its padding (the whole grid without a geometry)."""
+    if geometry is None:
+        return tuple(slice(0, int(n)) for n in shape)  # type: ignore[return-value]
+    return tuple(slice(b, int(n) - a) for (b, a), n in zip(geometry.pad, shape))  # type: ignore[return-value]
+
+
+def _panel_title(
+    d: int, amap: np.ndarray, labels: np.ndarray | None, organs: Sequence[str],
+    geometry: PreprocessGeometry, scores: Mapping[str, tuple[str, float]], peak_of: Mapping[int, int],
+) -> str:
+    """Where final-grid slice ``d`` is in the input scan, the organ of its peak deviation, that organ's finding.
+
+    ``amap`` and ``labels`` are the ``(H, W)`` slice. The organ is the one whose peak slice this is
+    (``peak_of``: slice -> label), else the one of the slice's highest value.
+    """
+    peak = float(amap.max())
+    organ = ""
+    if labels is not None and peak > 0:
+        label = peak_of.get(d) or int(labels.reshape(-1)[int(np.argmax(amap))])
+        organ = organs[label - 1] if 0 < label <= len(organs) else f"label {label}"
+        peak = float(amap[labels == label].max())
+    axis, k = input_slice(geometry, d)
+    where = f"input slice {k} of {geometry.input_shape[axis]}" + ("" if axis == 2 else f" (array axis {axis})")
+    lines = [f"{organ}: {where}" if organ else where, f"deviation max {peak:.3g}"]
+    if organ in scores:
+        finding, probability = scores[organ]
+        lines[1] += f"; {finding} {probability:.2f}"
+    return "\n".join(lines)
+
+
 def render_overlay(
     image: np.ndarray,
     amap: np.ndarray,
@@ -119,6 +169,8 @@ def render_overlay(
     hu_window: Sequence[float] | None = None,
     title: str = "",
     n_slices: int = 3,
+    geometry: PreprocessGeometry | None = None,
+    scores: Mapping[str, tuple[str, float]] | None = None,
 ):
     """A matplotlib ``Figure`` of ``n_slices`` axial slices: the CT in grey, the map in colour.
 
@@ -127,11 +179,16 @@ def render_overlay(
             posterior, columns patient right to left (radiological view).
         amap: ``(D, H, W)`` anomaly map (:func:`anomaly_map`); zeros are transparent.
         organ_mask: ``(D, H, W)`` organ labels, drawn as outlines (``organs[i]`` -> ``i + 1``).
-        organs: organ names, for the outline legend.
+        organs: organ names, for the outline legend and the panel titles.
         spacing: ``(D, H, W)`` voxel size in mm, for the pixel aspect ratio.
         hu_window: the HU window the image was scaled with, for the caption.
         title: figure title (e.g. the scan id).
         n_slices: how many slices (through the highest deviations, :func:`pick_slices`).
+        geometry: the case's :class:`~visd.data.PreprocessGeometry`. With it the padding is cut off and
+            each panel names the input scan's slice (:func:`input_slice`), so a viewer finds it;
+            without it, panels name the slice of the preprocessed grid.
+        scores: per organ, the finding to name in its panels and its probability (e.g. the organ's
+            most probable finding).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.cm import ScalarMappable
@@ -140,10 +197,22 @@ def render_overlay(
     from matplotlib.lines import Line2D
 
     image, amap = np.asarray(image), np.asarray(amap, dtype=np.float32)
+    inner = _inner(image.shape, geometry)
+    image, amap = image[inner], amap[inner]
+    organ_mask = None if organ_mask is None else np.asarray(organ_mask)[inner]
+    first = inner[0].start  # slice numbers of the final grid
     slices = pick_slices(amap, n_slices, organ_mask)
+    peak_of: dict[int, int] = {}  # final-grid slice -> the label whose highest value lies there (the highest wins)
+    if organ_mask is not None:
+        best: dict[int, float] = {}
+        for label in np.unique(organ_mask[organ_mask > 0]):
+            values = np.where(organ_mask == label, amap, 0.0)
+            d, value = int(np.unravel_index(np.argmax(values), values.shape)[0]), float(values.max())
+            if value > 0 and value > best.get(d, 0.0):
+                best[d], peak_of[first + d] = value, int(label)
     vmax = float(amap.max()) if float(amap.max()) > 0 else 1.0
     norm, cmap = Normalize(0.0, vmax), "inferno"
-    fig = Figure(figsize=(3.6 * len(slices) + 1.2, 4.4), layout="constrained")
+    fig = Figure(figsize=(3.6 * len(slices) + 1.2, 4.6), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(slices), squeeze=False)[0]
     aspect = float(spacing[1]) / float(spacing[2])
@@ -160,7 +229,11 @@ def render_overlay(
                 colour = colours[(int(label) - 1) % len(colours)]
                 ax.contour((organ_mask[d] == label).astype(np.float32), levels=[0.5], colors=[colour], linewidths=0.8)
                 drawn[int(label)] = colour
-        ax.set_title(f"axial slice {d} of {image.shape[0]} (max {float(amap[d].max()):.3g})", fontsize=9)
+        if geometry is None:
+            ax.set_title(f"axial slice {first + d} of {image.shape[0]} (max {float(amap[d].max()):.3g})", fontsize=9)
+        else:
+            labels = None if organ_mask is None else organ_mask[d]
+            ax.set_title(_panel_title(first + d, amap[d], labels, organs, geometry, scores or {}, peak_of), fontsize=9)
         ax.set_axis_off()
     if drawn:
         handles = [
@@ -171,7 +244,8 @@ def render_overlay(
     fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes), shrink=0.85,
                  label="deviation from normal anatomy (L2, level-4 tokens)")
     window = f", CT window {tuple(float(v) for v in hu_window)} HU" if hu_window is not None else ""
-    fig.suptitle(f"{title} - anomaly map{window}; R on the left".strip(" -"), fontsize=10)
+    numbering = "; slices 0-based as in the input file" if geometry is not None else ""
+    fig.suptitle(f"{title} - anomaly map{window}; R on the left{numbering}".strip(" -"), fontsize=10)
     return fig
 
 
@@ -184,6 +258,7 @@ def write_anomaly_map(
     organs: Sequence[str] = (),
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     hu_window: Sequence[float] | None = None,
+    scores: Mapping[str, tuple[str, float]] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``<scan>_anomaly.nii.gz`` (on the input scan's grid) and ``<scan>_anomaly.png``, atomically.
 
@@ -192,7 +267,8 @@ def write_anomaly_map(
         case: the preprocessed case (its geometry maps the map back to the input grid).
         out_dir: output folder (created when missing).
         scan: scan id, the file name stem.
-        organs, spacing, hu_window: passed to :func:`render_overlay`.
+        organs, spacing, hu_window, scores: passed to :func:`render_overlay`, which cuts off the
+            padding and names the input scan's slices (the case's geometry).
 
     Returns:
         The NIfTI and PNG paths. The NIfTI is float32 with the input scan's shape and affine.
@@ -209,7 +285,10 @@ def write_anomaly_map(
     nifti = out_dir / f"{scan}_anomaly.nii.gz"
     with atomic_path(nifti) as tmp:
         nib.save(img, tmp)
-    fig = render_overlay(case.image, amap, case.mask, organs=organs, spacing=spacing, hu_window=hu_window, title=scan)
+    fig = render_overlay(
+        case.image, amap, case.mask, organs=organs, spacing=spacing, hu_window=hu_window, title=scan,
+        geometry=case.geometry, scores=scores,
+    )
     png = out_dir / f"{scan}_anomaly.png"
     with atomic_path(png) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

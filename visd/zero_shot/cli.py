@@ -30,12 +30,16 @@ def add_diagnose_parser(subparsers) -> argparse.ArgumentParser:
         "INPUT is a .nii/.nii.gz file or a DICOM series folder; each needs an organ mask (TotalSegmentator "
         "output or a label map in the model's organ ids). A case that cannot be read is skipped with its "
         "reason in the table; the exit code is then 1.",
-        epilog="examples:\n  visd diagnose ct.nii.gz --mask ct_totalseg.nii.gz --model org/visd --out results.csv\n"
-        "  visd diagnose --manifest cases.csv --model ./visd-model --out results.csv --anomaly-maps maps/",
+        epilog="examples:\n  visd diagnose scan.nii.gz --segment --out results.csv\n"
+        "  visd diagnose ct.nii.gz --mask ct_totalseg.nii.gz --model ./my-visd-model --out results.csv\n"
+        "  visd diagnose --manifest cases.csv --out results.csv --anomaly-maps maps/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="CT: NIfTI file or DICOM series folder")
-    p.add_argument("--model", required=True, help="model folder (save_pretrained) or Hugging Face Hub repo id")
+    p.add_argument("--model", default=None,
+                   help="a named model (visd.list_pretrained()), a model folder (save_pretrained) or a Hugging Face "
+                   "Hub repo id (default: visd-boost-ctrate, the official chest CT model, downloaded and converted "
+                   "on first use)")
     p.add_argument("--mask", action="append", default=None, metavar="MASK",
                    help="organ mask of an INPUT; repeat once per INPUT, in the same order")
     p.add_argument("--mask-format", choices=("auto", "visd", "totalsegmentator"), default="auto",
@@ -44,7 +48,7 @@ def add_diagnose_parser(subparsers) -> argparse.ArgumentParser:
                    help="table of cases with columns image,mask (and optionally scan); relative paths are "
                    "resolved against the manifest's folder. Replaces INPUT and --mask")
     p.add_argument("--out", required=True, metavar="CSV",
-                   help="results table: scan, organ, finding, probability, status")
+                   help="results table: scan, organ, finding, probability, status (also printed after the run)")
     p.add_argument("--json", default=None, metavar="JSON", help="also write the results as JSON")
     p.add_argument("--embeddings", default=None, metavar="SAFETENSORS", help="write per-organ embeddings")
     p.add_argument("--anomaly-maps", default=None, metavar="DIR",
@@ -61,8 +65,9 @@ def add_diagnose_parser(subparsers) -> argparse.ArgumentParser:
                    "the main process); for a GPU, or a CPU with cores the model leaves free")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run: take the scans it finished from OUT.journal and diagnose "
-                   "the rest (same model, findings and outputs). Every run keeps OUT.journal until its "
-                   "outputs are written, and a run without --resume refuses to start over an existing one")
+                   "the rest (same model, findings and outputs). A run writes OUT.journal from its first "
+                   "diagnosed scan until its outputs are written, and a run without --resume refuses to start "
+                   "over one that holds scans")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_diagnose)
     return p
@@ -123,7 +128,10 @@ def read_manifest(path: str | os.PathLike) -> tuple[list[str], list[str | None],
 
 
 def run_diagnose(args: argparse.Namespace) -> int:
-    """Run ``visd diagnose``; print a summary; return 0, or 1 when a case failed."""
+    """Run ``visd diagnose``; print the findings table and a summary; return 0, or 1 when a case failed.
+
+    Without ``--model`` the official named model (:data:`visd.pretrained.DEFAULT_MODEL`) is used.
+    """
     if args.manifest is not None:
         if args.inputs or args.mask:
             raise InputError("pass either --manifest or INPUT/--mask arguments, not both.")
@@ -152,23 +160,27 @@ def run_diagnose(args: argparse.Namespace) -> int:
     if args.segment:
         segment_dir = args.segment_dir or str(Path(args.out).resolve().parent / "segmentations")
 
-    from visd.models.model import ViSDModel
-
-    from .findings import load_findings
-    from .pipeline import diagnose
-
-    model = ViSDModel.from_pretrained(args.model)
-    findings = load_findings(args.findings, model.organs) if args.findings else None
-    from tqdm.contrib.logging import logging_redirect_tqdm
+    from .journal import holds_scans
 
     journal = Path(str(args.out) + ".journal")
     if args.resume and not journal.is_file():
         raise InputError(f"--resume: no journal of an interrupted run at {journal}. Run without --resume.")
-    if not args.resume and journal.is_file():
+    if not args.resume and holds_scans(journal):
         raise InputError(
             f"{journal} holds the scans of an interrupted run. Pass --resume to continue it, or delete the file "
             "to start over."
         )
+
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from visd.models.model import ViSDModel
+    from visd.pretrained import DEFAULT_MODEL
+
+    from .findings import load_findings
+    from .pipeline import diagnose
+
+    model = ViSDModel.from_pretrained(args.model if args.model is not None else DEFAULT_MODEL)
+    findings = load_findings(args.findings, model.organs) if args.findings else None
     with logging_redirect_tqdm():
         report = diagnose(
             inputs, masks, model, findings=findings, mask_format=args.mask_format,
@@ -179,11 +191,13 @@ def run_diagnose(args: argparse.Namespace) -> int:
     written = [str(report.to_csv(args.out))]
     if args.json:
         written.append(str(report.to_json(args.json)))
-    journal.unlink()  # every output is written
+    journal.unlink(missing_ok=True)  # every output is written (a run that diagnosed no scan wrote none)
     if report.embeddings_path is not None:
         written.append(str(report.embeddings_path))
     if args.anomaly_maps:
         written.append(f"anomaly maps of {len(report.anomaly_maps)} scan(s) in {args.anomaly_maps}")
+    print(report.format_table())
+    print()
     n, bad = len(report.scans), len(report.failed)
     resumed = f" ({len(report.resumed)} taken from the journal)" if report.resumed else ""
     print(f"diagnosed {n} scan(s): {n - bad} ok{resumed}, {bad} failed; wrote {', '.join(written)}")

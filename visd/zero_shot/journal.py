@@ -10,7 +10,8 @@ weights, the findings, the mask format and the outputs asked for. A journal with
 is refused, so results of two setups never mix. A scan is taken from the journal only when its source
 path is the same (scans given as in-memory images are always computed) and its anomaly maps, if any,
 still exist; skipped scans are not journaled (they are tried again). A last line cut off by a crash is
-dropped.
+dropped. The file is written with the first diagnosed scan, so a run that stops before one (or whose
+every scan fails) leaves no journal that would ask for ``resume``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 from visd._io import atomic_write_text
 from visd.errors import InputError
 
-__all__ = ["JOURNAL_FORMAT", "Journal", "ScanOutcome", "fingerprint"]
+__all__ = ["JOURNAL_FORMAT", "Journal", "ScanOutcome", "fingerprint", "holds_scans"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,15 +107,15 @@ class Journal:
     def __init__(self, path: str | os.PathLike, key: str, shape: tuple[int, int], *, resume: bool) -> None:
         self.path, self.key, self.shape = Path(path), key, shape
         self.done: dict[str, ScanOutcome] = {}
-        header = json.dumps({"format": JOURNAL_FORMAT, "fingerprint": key, "embeddings_shape": list(shape)})
-        lines = [header]
+        self._header = json.dumps({"format": JOURNAL_FORMAT, "fingerprint": key, "embeddings_shape": list(shape)})
+        self._on_disk = False  # the file is (re)written with the first scan, so a run that diagnosed none leaves none
         if resume and self.path.is_file():
             self.done = self._read()
-            lines += [o.to_json() for o in self.done.values()]
             logger.info("journal %s: %d scan(s) already diagnosed", self.path, len(self.done))
         elif resume:
             logger.info("journal %s not found: starting a new one", self.path)
-        atomic_write_text(self.path, "\n".join(lines) + "\n")  # without a line a crash may have cut off
+        else:
+            self.path.unlink(missing_ok=True)  # starting over
 
     def _read(self) -> dict[str, ScanOutcome]:
         text = self.path.read_text(encoding="utf-8")
@@ -162,8 +163,30 @@ class Journal:
 
     def append(self, outcome: ScanOutcome) -> None:
         """Add a diagnosed scan, on disk before this returns."""
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(outcome.to_json() + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        if not self._on_disk:  # header, the scans taken over (without a line a crash cut off), this scan
+            lines = [self._header, *(o.to_json() for o in self.done.values()), outcome.to_json()]
+            atomic_write_text(self.path, "\n".join(lines) + "\n")
+            self._on_disk = True
+        else:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(outcome.to_json() + "\n")
+                f.flush()
+                os.fsync(f.fileno())
         self.done[outcome.scan] = outcome
+
+
+def holds_scans(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a file that a new run must not replace: a journal with at least one diagnosed
+    scan, or a file that is not a visd journal. A journal with only its header (a run that diagnosed
+    nothing) holds nothing to resume."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        first, *rest = path.read_text(encoding="utf-8").split("\n")
+        header = json.loads(first)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError):
+        return True
+    if not isinstance(header, dict) or header.get("format") != JOURNAL_FORMAT:
+        return True
+    return any(line.strip() for line in rest)

@@ -4,8 +4,8 @@ Reading a scan (gzip NIfTI, a DICOM series), checking its organ labels and resam
 per scan (2.6 s for a 480 x 480 x 480 chest ``.nii.gz`` on a 2-core CPU), time a GPU would spend
 waiting. With ``num_workers > 0`` a ``torch.utils.data.DataLoader`` does that work in worker
 processes, ``num_workers`` scans ahead of the model, in input order. A scan
-that cannot be read yields the reason instead of a case, as it does in this process, so one bad file
-never stops the run.
+that cannot be read, or that TotalSegmentator cannot segment (not installed, weights not reachable),
+yields the reason instead of a case, as it does in this process, so one bad file never stops the run.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from visd.data import (
     read_organ_mask,
     segment,
 )
-from visd.errors import InputError
+from visd.errors import InputError, MissingDependencyError
 
 __all__ = ["LoadedCase", "check_num_workers", "iter_cases", "load_scan"]
 
@@ -57,10 +57,24 @@ def load_scan(
                 f"cannot segment scan {scan!r} given as {type(source).__name__}: TotalSegmentator reads files. "
                 "Pass the NIfTI file or DICOM folder, or a mask."
             )
-        mask = segment(source, Path(segment_dir) / scan)
+        mask = _segment(source, Path(segment_dir) / scan, scan)
         mask_format = "totalsegmentator"
     organ_mask = read_organ_mask(mask, ct, config, mask_format=mask_format)
     return preprocess(ct, organ_mask, config.preprocess)
+
+
+def _segment(source: str | os.PathLike, out_dir: Path, scan: str) -> Path:
+    """TotalSegmentator's label map of one scan; any failure of TotalSegmentator is that scan's error."""
+    try:
+        return segment(source, out_dir)
+    except (InputError, MissingDependencyError):
+        raise
+    except (Exception, SystemExit) as e:  # TotalSegmentator's own failures (weights not reachable, ...), some
+        reason = " ".join(str(e).split())[:300]  # of which end in sys.exit(): this scan is skipped
+        raise InputError(
+            f"TotalSegmentator could not segment scan {scan!r} ({type(e).__name__}: {reason}). Check that it runs "
+            "(TotalSegmentator -i CT -o OUT) and can reach its weights, or pass the scan's mask with --mask."
+        ) from e
 
 
 class _Cases(torch.utils.data.Dataset):
@@ -80,7 +94,7 @@ class _Cases(torch.utils.data.Dataset):
         scan = self.scans[i]
         try:
             case = load_scan(self.sources[i], self.masks[i], self.config, self.mask_format, self.segment_dir, scan)
-        except InputError as e:
+        except (InputError, MissingDependencyError) as e:  # TotalSegmentator not installed: each scan says so
             return LoadedCase(scan, error=" ".join(str(e).split()))
         return LoadedCase(scan, case=case)
 

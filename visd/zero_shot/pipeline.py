@@ -65,7 +65,7 @@ def diagnose(
         masks: one organ label map per input (TotalSegmentator output, file or per-class folder, or a
             map in the model's organ ids, see :func:`visd.data.read_organ_mask`); an entry may be
             ``None`` when ``segment_dir`` is given.
-        model: a :class:`~visd.ViSDModel`, or a folder / Hub repo id for ``ViSDModel.from_pretrained``.
+        model: a :class:`~visd.ViSDModel`, or a named model, folder or Hub repo id for ``ViSDModel.from_pretrained``.
         findings: ``None`` (the model's catalogue), a YAML/JSON findings file, or a list of findings
             (:func:`visd.zero_shot.as_findings`).
         mask_format: ``"auto"``, ``"visd"`` or ``"totalsegmentator"``.
@@ -197,9 +197,13 @@ def _diagnose_one(
         emb[organs.index(organ)] = organ_emb.embeddings[row].detach().float().cpu().numpy()
     maps = None
     if anomaly_maps_dir is not None:
+        top: dict[str, tuple[str, float]] = {}  # each organ's most probable finding, for the PNG's titles
+        for s in result.scores:
+            if s.status == "scored" and (s.organ not in top or s.probability > top[s.organ][1]):
+                top[s.organ] = (s.finding, float(s.probability))
         maps = write_anomaly_map(
             anomaly_map(organ_emb, case.mask, organs), case, anomaly_maps_dir, item.scan, organs=organs,
-            spacing=model.config.preprocess.spacing, hu_window=model.config.preprocess.hu_window,
+            spacing=model.config.preprocess.spacing, hu_window=model.config.preprocess.hu_window, scores=top,
         )
     rows = [(s.organ, s.finding, s.probability, s.status) for s in result.scores]
     return ScanOutcome(item.scan, path, rows, emb, maps)

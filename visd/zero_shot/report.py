@@ -88,6 +88,42 @@ class DiagnosisReport:
         """Write :meth:`to_dict` as JSON, atomically; returns the path."""
         return atomic_write_text(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
 
+    def format_table(self, digits: int = 3) -> str:
+        """The findings as text, one block per scan: a header line with the scan id, then one row per
+        scored finding (organ, finding, probability, status); the findings of an organ that was not
+        scored share one row (``(3 findings)``, ``-``, its reason), a scan that failed is one line with
+        its error. What ``visd diagnose`` prints."""
+        width = max([len("finding"), *(len(r["finding"]) for r in self.records)])
+        organ_width = max([len("organ"), *(len(r["organ"]) for r in self.records)])
+        prob_width = max(len("probability"), digits + 2)
+        head = f"  {'organ':<{organ_width}}  {'finding':<{width}}  {'probability':>{prob_width}}  status"
+        by_scan: dict[str, list[dict[str, Any]]] = {s: [] for s in self.scans}
+        for r in self.records:
+            by_scan.setdefault(r["scan"], []).append(r)
+        failed = dict(self.failed)
+        blocks = []
+        for scan, rows in by_scan.items():
+            if scan in failed:
+                blocks.append(f"{scan}: {ERROR_PREFIX}{failed[scan]}")
+                continue
+            lines = [scan, head]
+            grouped: dict[tuple[str, str], int] = {}
+            for r in rows:
+                if r["status"] != "scored":
+                    grouped[(r["organ"], r["status"])] = grouped.get((r["organ"], r["status"]), 0) + 1
+            shown = set()
+            for r in rows:
+                if r["status"] == "scored":
+                    p = f"{r['probability']:.{digits}f}"
+                    lines.append(f"  {r['organ']:<{organ_width}}  {r['finding']:<{width}}  {p:>{prob_width}}  scored")
+                elif (r["organ"], r["status"]) not in shown:
+                    shown.add((r["organ"], r["status"]))
+                    n = grouped[(r["organ"], r["status"])]
+                    what = r["finding"] if n == 1 else f"({n} findings)"
+                    lines.append(f"  {r['organ']:<{organ_width}}  {what:<{width}}  {'-':>{prob_width}}  {r['status']}")
+            blocks.append("\n".join(lines))
+        return "\n\n".join(blocks)
+
     def __repr__(self) -> str:
         lines = [f"DiagnosisReport({len(self.scans)} scans, {len(self.failed)} failed, {len(self.records)} rows)"]
         for r in self.records[:40]:
