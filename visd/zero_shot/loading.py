@@ -27,6 +27,7 @@ from visd.data import (
     read_organ_mask,
     segment,
 )
+from visd.data.segment import totalsegmentator_classes
 from visd.errors import InputError
 
 __all__ = ["LoadedCase", "check_num_workers", "iter_cases", "load_scan"]
@@ -57,7 +58,7 @@ def load_scan(
                 f"cannot segment scan {scan!r} given as {type(source).__name__}: TotalSegmentator reads files. "
                 "Pass the NIfTI file or DICOM folder, or a mask."
             )
-        mask = segment(source, Path(segment_dir) / scan)
+        mask = segment(source, Path(segment_dir) / scan, roi_subset=totalsegmentator_classes(config))
         mask_format = "totalsegmentator"
     organ_mask = read_organ_mask(mask, ct, config, mask_format=mask_format)
     return preprocess(ct, organ_mask, config.preprocess)
