@@ -194,3 +194,12 @@ def test_usage_statistics_left_alone_when_allowed(monkeypatch, tmp_path):
     segment(data_file("abdomen_3mm.nii.gz"), tmp_path, statistics=True)
     assert [c[0] for c in calls] == ["run"]
     assert calls[0][1]["roi_subset"] is None
+
+
+def test_faq_names_the_merge_and_the_offline_setup():
+    from pathlib import Path
+
+    faq = (Path(__file__).resolve().parents[2] / "docs" / "faq.md").read_text()
+    for name in ("heart", "atrial_appendage_left", "esophagus", "aorta"):
+        assert f"`{name}`" in faq
+    assert "totalseg_download_weights -t total" in faq and "TOTALSEG_HOME_DIR" in faq

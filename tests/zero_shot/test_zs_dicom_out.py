@@ -6,7 +6,6 @@ with the patient and frame-of-reference attributes a scanner export carries.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import highdicom as hd
@@ -17,6 +16,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from data_io._helpers import write_dicom_series
+from visd.cli import main
 from visd.data import read_ct
 from visd.data.dicom import LPS_TO_RAS
 from visd.errors import MissingDependencyError
@@ -133,11 +133,10 @@ def test_missing_highdicom(monkeypatch, series, tmp_path):
     assert isinstance(err.value, ImportError)
 
 
-def test_cli_dicom_out(series, model_dir, tmp_path):
+def test_cli_dicom_out(series, model_dir, tmp_path, capsys):
     args = ["diagnose", series, "--mask", SEG, "--model", model_dir, "--out", tmp_path / "r.csv",
             "--dicom-out", tmp_path / "dicom", "--no-progress"]
-    proc = subprocess.run([sys.executable, "-m", "visd.cli", *map(str, args)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    assert main([str(a) for a in args]) == 0, capsys.readouterr().err
     sr = hd.sr.srread(tmp_path / "dicom" / "abdomen" / "findings_sr.dcm")
     assert sr.StudyInstanceUID == pydicom.dcmread(next(series.iterdir())).StudyInstanceUID
     assert not (tmp_path / "dicom" / "abdomen" / "anomaly_pm.dcm").exists()  # no --anomaly-maps
