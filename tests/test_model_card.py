@@ -46,3 +46,30 @@ def test_evaluation_results_become_model_index():
     assert len(read) == 1 and read[0].metric_value == 0.781 and read[0].dataset_split == "validation"
     assert card.data.metrics == ["roc_auc"]
     assert "| CT-RATE | validation | mean AUC | 0.781 |" in card.text
+
+
+def test_evaluation_of_visd_evaluate_goes_into_the_card(tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from visd.evaluation import evaluate
+    from visd.model_card import eval_results_from
+
+    rng = np.random.default_rng(0)
+    scans = [f"s{i}" for i in range(40)]
+    labels = pd.DataFrame({"scan": scans})
+    rows = []
+    for organ, finding in (("lung", "Emphysema"), ("aorta", "Arterial wall calcification")):
+        y = rng.integers(0, 2, len(scans))
+        labels[finding] = y
+        for scan, p in zip(scans, np.clip(0.3 * y + rng.uniform(0, 0.7, len(scans)), 0, 1)):
+            rows.append({"scan": scan, "organ": organ, "finding": finding, "probability": p, "status": "scored"})
+    result = evaluate(pd.DataFrame(rows), labels, n_bootstrap=0)
+    results = eval_results_from(result, dataset_split="test")
+    by_name = {r.metric_name: r.metric_value for r in results}
+    assert by_name["mean AUC"] == round(float(result.table.loc["overall mean", "auc"]), 4)
+    assert by_name["AUC Emphysema"] == round(float(result.table.loc["Emphysema", "auc"]), 4)
+    assert {"mean F1 (weighted)", "mean accuracy", "AUC Arterial wall calcification"} <= by_name.keys()
+    card = ModelCard(model_card(tiny_config(), eval_results=results))
+    assert [r.metric_value for r in card.data.eval_results] == [r.metric_value for r in results]
+    assert 0.5 < by_name["mean AUC"] <= 1.0  # the scores were made to carry the labels

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from visd.config import ViSDConfig
 
-__all__ = ["BASE_MODEL", "CITATION", "TRAINING_DATASET", "card_data", "model_card"]
+__all__ = ["BASE_MODEL", "CITATION", "TRAINING_DATASET", "card_data", "eval_results_from", "model_card"]
 
 # The text encoder the released model starts from (its BERT weights, vocabulary and tokenizer).
 BASE_MODEL = "microsoft/BiomedVLP-CXR-BERT-specialized"
@@ -64,6 +64,36 @@ def model_card(config: ViSDConfig, eval_results: Sequence[object] | None = None)
     data = card_data(config, eval_results)
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{_body(config, eval_results)}")
     return str(card)
+
+
+def eval_results_from(
+    evaluation: object, *, dataset_name: str = "CT-RATE", dataset_type: str = TRAINING_DATASET,
+    dataset_split: str | None = "validation",
+) -> list:
+    """``huggingface_hub.EvalResult`` s of a :func:`visd.evaluation.evaluate` outcome, for :func:`model_card`.
+
+    The overall mean AUC, weighted F1 and accuracy (the papers' summary numbers, at the official
+    threshold rule), then the AUC of each finding; findings with NaN metrics are left out.
+    """
+    import math
+
+    from huggingface_hub import EvalResult
+
+    table = evaluation.table  # type: ignore[attr-defined]
+    common = {"task_type": PIPELINE_TAG, "dataset_type": dataset_type, "dataset_name": dataset_name,
+              "dataset_split": dataset_split}
+    overall = table[table["kind"] == "overall"].iloc[0]
+    results = [
+        EvalResult(metric_type=kind, metric_name=f"mean {label}", metric_value=round(float(overall[column]), 4), **common)
+        for column, kind, label in (("auc", "roc_auc", "AUC"), ("f1_weighted", "f1", "F1 (weighted)"),
+                                    ("accuracy", "accuracy", "accuracy"))
+        if not math.isnan(float(overall[column]))
+    ]
+    for name, row in table[table["kind"] == "finding"].iterrows():
+        if not math.isnan(float(row["auc"])):
+            results.append(EvalResult(metric_type="roc_auc", metric_name=f"AUC {name}",
+                                      metric_value=round(float(row["auc"]), 4), **common))
+    return results
 
 
 def _body(config: ViSDConfig, eval_results: Sequence[object] | None) -> str:
