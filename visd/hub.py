@@ -73,34 +73,9 @@ def load_state_dict_strict(model: torch.nn.Module, state: Mapping[str, torch.Ten
 
 # -- writing ----------------------------------------------------------------------------------------
 def _model_card(model: "ViSDModel") -> str:
-    c = model.config
-    findings = "\n".join(f"| {f.organ} | {f.name} | {' / '.join(f.negative)} | {' / '.join(f.positive)} |" for f in c.findings)
-    return f"""---
-library_name: visd
-tags: [medical-imaging, ct, vision-language, zero-shot]
----
-# ViSD-Boost model (visd)
+    from visd.model_card import model_card
 
-An anatomy-aware CT vision-language model (ViSD-Boost, ICCV 2025) packaged with
-[visd](https://pypi.org/project/visd/).
-
-```python
-from visd import ViSDModel
-model = ViSDModel.from_pretrained("this/folder-or-repo")
-```
-
-- organs (label value = position + 1): {", ".join(c.organs)}
-- embedding size: {c.embed_dim}; text tower: BERT, {c.text.num_hidden_layers} layers, hidden {c.text.hidden_size}
-- preprocessing: orientation {c.preprocess.orientation}, spacing (D, H, W) {c.preprocess.spacing} mm,
-  HU window {c.preprocess.hu_window}, ROI {c.preprocess.roi}
-
-## Zero-shot findings
-| organ | finding | negative prompt(s) | positive prompt(s) |
-|---|---|---|---|
-{findings}
-
-Intended for research use; not a medical device.
-"""
+    return model_card(model.config)
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -19,6 +19,7 @@ from scipy import ndimage
 
 from data_io._helpers import write_dicom_series
 from visd.data import read_ct, read_organ_mask
+from visd.data.segment import totalsegmentator_classes
 from visd.errors import InputError
 from visd.evaluation import load_embeddings, read_predictions
 from visd.zero_shot import diagnose, scan_ids_for
@@ -181,14 +182,15 @@ def test_loaded_scans_yaml_findings_and_extra_organ_embeddings(model, model_dir,
 def test_segment_dir_runs_totalsegmentator_for_missing_masks(model, reference, tmp_path, monkeypatch):
     calls = []
 
-    def fake_segment(ct_path, out_dir, fast=False, statistics=False):
-        calls.append((ct_path, out_dir, statistics))
+    def fake_segment(ct_path, out_dir, fast=False, statistics=False, *, roi_subset=None, device=None):
+        calls.append((ct_path, out_dir, statistics, roi_subset))
         out_dir.mkdir(parents=True)
         return shutil.copy(SEG, out_dir / "totalsegmentator.nii.gz")
 
     monkeypatch.setattr("visd.zero_shot.loading.segment", fake_segment)
     report = diagnose([CT], [None], model, segment_dir=tmp_path / "seg", progress=False, scan_ids=["a"])
-    assert calls == [(CT, tmp_path / "seg" / "a", False)]  # statistics off
+    # statistics off, only the classes of the model's totalsegmentator_map
+    assert calls == [(CT, tmp_path / "seg" / "a", False, totalsegmentator_classes(model.config))]
     np.testing.assert_allclose(_probabilities(report, "a"), [s.probability for s in reference.scores], atol=1e-6)
     report = diagnose([CT], None, model, progress=False)
     assert "no organ mask for scan 'abdomen_3mm'" in report.failed[0][1]

@@ -53,6 +53,9 @@ def add_diagnose_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--embeddings", default=None, metavar="SAFETENSORS", help="write per-organ embeddings")
     p.add_argument("--anomaly-maps", default=None, metavar="DIR",
                    help="write <scan>_anomaly.nii.gz (on the input grid) and <scan>_anomaly.png per scan")
+    p.add_argument("--dicom-out", default=None, metavar="DIR",
+                   help="for DICOM series inputs, write DIR/<scan>/findings_sr.dcm (and anomaly_pm.dcm with "
+                   "--anomaly-maps); pip install \"visd[dicom]\"")
     p.add_argument("--findings", default=None, metavar="YAML", help="your own findings (YAML or JSON list)")
     p.add_argument("--segment", action="store_true",
                    help="compute missing masks with TotalSegmentator (pip install \"visd[segment]\"). "
@@ -186,7 +189,7 @@ def run_diagnose(args: argparse.Namespace) -> int:
             inputs, masks, model, findings=findings, mask_format=args.mask_format,
             anomaly_maps_dir=args.anomaly_maps, embeddings_path=args.embeddings,
             progress=not args.no_progress, scan_ids=scan_ids, segment_dir=segment_dir, num_workers=args.workers,
-            journal=journal, resume=args.resume,
+            journal=journal, resume=args.resume, dicom_out=args.dicom_out,
         )
     written = [str(report.to_csv(args.out))]
     if args.json:

@@ -27,6 +27,7 @@ from visd.data import (
     read_organ_mask,
     segment,
 )
+from visd.data.segment import totalsegmentator_classes
 from visd.errors import InputError, MissingDependencyError
 
 __all__ = ["LoadedCase", "check_num_workers", "iter_cases", "load_scan"]
@@ -57,16 +58,17 @@ def load_scan(
                 f"cannot segment scan {scan!r} given as {type(source).__name__}: TotalSegmentator reads files. "
                 "Pass the NIfTI file or DICOM folder, or a mask."
             )
-        mask = _segment(source, Path(segment_dir) / scan, scan)
+        mask = _segment(source, Path(segment_dir) / scan, scan, totalsegmentator_classes(config))
         mask_format = "totalsegmentator"
     organ_mask = read_organ_mask(mask, ct, config, mask_format=mask_format)
     return preprocess(ct, organ_mask, config.preprocess)
 
 
-def _segment(source: str | os.PathLike, out_dir: Path, scan: str) -> Path:
-    """TotalSegmentator's label map of one scan; any failure of TotalSegmentator is that scan's error."""
+def _segment(source: str | os.PathLike, out_dir: Path, scan: str, roi_subset: Sequence[str]) -> Path:
+    """TotalSegmentator's label map of one scan (only the classes the model needs); any failure of
+    TotalSegmentator is that scan's error."""
     try:
-        return segment(source, out_dir)
+        return segment(source, out_dir, roi_subset=roi_subset)
     except (InputError, MissingDependencyError):
         raise
     except (Exception, SystemExit) as e:  # TotalSegmentator's own failures (weights not reachable, ...), some

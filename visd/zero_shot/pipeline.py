@@ -27,6 +27,7 @@ from visd.models.model import ViSDModel
 from visd.models.outputs import OrganEmbeddings
 
 from .anomaly import anomaly_map, write_anomaly_map
+from .dicom_out import write_scan_outputs
 from .findings import FindingLike, as_findings, load_findings
 from .journal import Journal, ScanOutcome, fingerprint
 from .loading import LoadedCase, check_num_workers, iter_cases
@@ -56,6 +57,7 @@ def diagnose(
     num_workers: int = 0,
     journal: str | os.PathLike | None = None,
     resume: bool = False,
+    dicom_out: str | os.PathLike | None = None,
 ) -> DiagnosisReport:
     """Zero-shot findings for each scan, by the official per-volume procedure.
 
@@ -86,6 +88,8 @@ def diagnose(
             so that an interrupted run can resume.
         resume: take the scans already in ``journal`` from it (same model, findings, mask format and
             outputs, same source paths) and diagnose only the rest; without it the journal starts over.
+        dicom_out: for scans read from a DICOM series, write a findings SR and (with ``anomaly_maps_dir``)
+            an anomaly Parametric Map into ``<dicom_out>/<scan>/`` (:mod:`visd.zero_shot.dicom_out`).
 
     Returns:
         A :class:`~visd.zero_shot.DiagnosisReport`; ``report.failed`` lists the skipped scans.
@@ -152,6 +156,8 @@ def diagnose(
                 outcome = _diagnose_one(item, paths[n], model, specs, extra, anomaly_maps_dir)
                 if isinstance(outcome, ScanOutcome) and log is not None:
                     log.append(outcome)
+                if isinstance(outcome, ScanOutcome) and dicom_out is not None:
+                    write_scan_outputs(outcome, dicom_out)
             if isinstance(outcome, str):
                 logger.warning("skipped scan %r: %s", scan, outcome)
                 report.failed.append((scan, outcome))
