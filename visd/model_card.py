@@ -22,10 +22,13 @@ BASE_MODEL = "microsoft/BiomedVLP-CXR-BERT-specialized"
 # The chest CT / report data set the released model was trained on.
 TRAINING_DATASET = "ibrahimhamamci/CT-RATE"
 PIPELINE_TAG = "zero-shot-image-classification"
-CITATION = """@inproceedings{visdboost2025,
-  title     = {Boosting Vision Semantic Density with Anatomy Normality Modeling for Medical Vision-language Pre-training},
-  booktitle = {Proceedings of the IEEE/CVF International Conference on Computer Vision (ICCV)},
-  year      = {2025}
+# The authors' BibTeX, as their README gives it (alibaba-damo-academy/ViSD-Boost).
+CITATION = """@inproceedings{cao2025boosting,
+  title={Boosting vision semantic density with anatomy normality modeling for medical vision-language pre-training},
+  author={Cao, Weiwei and Zhang, Jianpeng and Shui, Zhongyi and Wang, Sinuo and Chen, Zeli and Li, Xi and Lu, Le and Ye, Xianghua and Zhang, Qi and Liang, Tingbo and others},
+  booktitle={Proceedings of the IEEE/CVF International Conference on Computer Vision},
+  pages={23041--23050},
+  year={2025}
 }"""
 
 

@@ -237,7 +237,7 @@ register_pretrained(
         "the weights. Text encoder microsoft/BiomedVLP-CXR-BERT-specialized: MIT."
     ),
     citation=(
-        "Cao W, Zhang J, Shui Z, Wang S, Chen Z, Li X, Lu L, Ye X, Zhang Q, Liang T, Zhang L. Boosting vision semantic "
+        "Cao W, Zhang J, Shui Z, Wang S, Chen Z, Li X, Lu L, Ye X, Zhang Q, Liang T, et al. Boosting vision semantic "
         "density with anatomy normality modeling for medical vision-language pre-training. ICCV 2025, 23041-23050."
     ),
 )
