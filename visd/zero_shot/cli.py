@@ -151,6 +151,10 @@ def run_diagnose(args: argparse.Namespace) -> int:
     segment_dir = None
     if args.segment:
         segment_dir = args.segment_dir or str(Path(args.out).resolve().parent / "segmentations")
+    from . import shard
+
+    if shard.wanted(args.out, args.resume):  # under torchrun, or resuming a sharded run
+        return shard.run_sharded(args, inputs, masks, scan_ids, segment_dir)
 
     from visd.models.model import ViSDModel
 

@@ -36,6 +36,7 @@ __all__ = ["JOURNAL_FORMAT", "Journal", "ScanOutcome", "fingerprint"]
 logger = logging.getLogger(__name__)
 
 JOURNAL_FORMAT = "visd.diagnose-journal/1"
+_FAULT = "VISD_DIAGNOSE_FAULT"  # test only: "<rank>:<n>" SIGKILLs rank <rank> (env RANK) after its n-th append
 
 
 @dataclass
@@ -106,6 +107,7 @@ class Journal:
     def __init__(self, path: str | os.PathLike, key: str, shape: tuple[int, int], *, resume: bool) -> None:
         self.path, self.key, self.shape = Path(path), key, shape
         self.done: dict[str, ScanOutcome] = {}
+        self._appended = 0
         header = json.dumps({"format": JOURNAL_FORMAT, "fingerprint": key, "embeddings_shape": list(shape)})
         lines = [header]
         if resume and self.path.is_file():
@@ -167,3 +169,6 @@ class Journal:
             f.flush()
             os.fsync(f.fileno())
         self.done[outcome.scan] = outcome
+        self._appended += 1
+        if os.environ.get(_FAULT) == f"{os.environ.get('RANK', '0')}:{self._appended}":
+            os.kill(os.getpid(), 9)  # SIGKILL: a crash, no cleanup
