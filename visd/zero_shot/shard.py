@@ -108,6 +108,14 @@ def run_sharded(args, inputs: list, masks: list, scan_ids: list[str] | None, seg
     from .pipeline import _check_ids, diagnose, scan_ids_for
     from .report import DiagnosisReport
 
+    import torch
+
+    local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if torch.cuda.is_available() and local >= gpus:
+        raise InputError(
+            f"rank with LOCAL_RANK={local} has no GPU of its own: this node has {gpus}. Start at most {gpus} "
+            "processes per node (torchrun --nproc_per_node), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on the CPU."
+        )
     env = _setup_distributed(SimpleNamespace(device=None, backend="gloo"))
     try:
         out = Path(args.out)
