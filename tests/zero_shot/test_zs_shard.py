@@ -116,3 +116,26 @@ def test_a_killed_rank_resumes_to_the_same_table(manifest, model_dir, single, re
     assert f"diagnosed 12 scan(s) on {ranks} rank(s): 3 ok" in proc.stdout, proc.stderr[-3000:]
     assert "taken from the journals" in proc.stdout
     _same_outputs(out, single)
+
+
+def test_journals_of_a_sharded_run_are_never_overwritten(manifest, model_dir, tmp_path, capsys):
+    from visd.cli import main
+
+    out = tmp_path / "results.csv"
+    (tmp_path / "results.csv.journal.rank1").write_text('{"format": "visd.diagnose-journal/1"}\n')
+    argv = ["diagnose", "--manifest", str(manifest), "--model", str(model_dir), "--out", str(out), "--no-progress"]
+    assert main(argv) == 2  # a plain run sees the journal of a sharded one
+    assert "results.csv.journal.rank1 holds the scans of an interrupted run. Pass --resume" in capsys.readouterr().err
+    assert (tmp_path / "results.csv.journal.rank1").is_file() and not out.exists()
+
+
+def test_journals_of_two_setups_are_refused(tmp_path):
+    from visd.errors import InputError
+    from visd.zero_shot.shard import _journaled
+
+    a, b = tmp_path / "r.journal.rank0", tmp_path / "r.journal.rank1"
+    a.write_text('{"fingerprint": "a"}\n{"scan": "s1"}\n{"scan": "s2", "ro')  # a last line cut off
+    assert _journaled([a]) == ('{"fingerprint": "a"}', {"s1": '{"scan": "s1"}'})
+    b.write_text('{"fingerprint": "b"}\n')
+    with pytest.raises(InputError, match="runs with different settings"):
+        _journaled([a, b])
