@@ -51,3 +51,13 @@ def test_bad_search_is_one_line_and_exit_2(tmp_path):
 def test_bad_index_arguments(argv, words, capsys):
     assert main(argv) == 2
     assert words in capsys.readouterr().err
+
+
+def test_indexing_known_scans_again_is_refused_before_any_work(tmp_path, model_dir, capsys):
+    out = tmp_path / "archive"
+    argv = ["index", str(CT), "--mask", str(SEG), "--model", str(model_dir), "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    before = sorted(p.name for p in out.iterdir())
+    assert main(argv) == 2
+    assert "['abdomen_3mm'] are already indexed" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before

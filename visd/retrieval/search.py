@@ -93,6 +93,14 @@ def index_scans(
         raise InputError(f"got {len(inputs)} scans and {len(masks)} masks. Expected one organ mask per scan.")
     ids = scan_ids_for(inputs) if scan_ids is None else _check_ids(scan_ids, len(inputs))
     organs = model.organs
+    if (Path(out) / "index.json").is_file():  # refuse known scan ids before the work, not after
+        known = set(ScanIndex.open(out).rows()["scan"])
+        clash = [s for s in ids if s in known]
+        if clash:
+            raise InputError(
+                f"scan ids must be distinct across the index: {clash[:5]} are already indexed in {out}. "
+                "Give each scan its own id (a scan column in the manifest)."
+            )
     emb = np.full((len(inputs), len(organs), model.config.embed_dim), np.nan, dtype=np.float32)
     failed: list[tuple[str, str]] = []
     cases = iter_cases(ids, inputs, masks, model.config, mask_format=mask_format)
@@ -108,7 +116,8 @@ def index_scans(
             failed.append((item.scan, " ".join(str(e).split())))
             continue
         emb[n] = out_emb.embeddings.detach().float().cpu().numpy()
-    keep = [n for n in range(len(ids)) if ids[n] not in {s for s, _ in failed}]
+    bad = {s for s, _ in failed}
+    keep = [n for n in range(len(ids)) if ids[n] not in bad]
     index = _open_or_create(out, organs, model.config.embed_dim, source, approximate)
     index.add(emb[keep], [ids[n] for n in keep], organs, [_path_key(inputs[n]) for n in keep])
     return index, failed
