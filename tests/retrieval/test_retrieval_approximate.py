@@ -7,6 +7,7 @@ import pytest
 
 pytest.importorskip("faiss", reason="the approximate index is the optional extra visd[ann]")
 
+from visd.errors import InputError  # noqa: E402
 from visd.retrieval import ScanIndex  # noqa: E402
 from visd.retrieval.approximate import nearest  # noqa: E402
 
@@ -50,3 +51,22 @@ def test_search_approximate_equals_exact_on_a_small_index(tmp_path, model_dir, m
     approx = search(index, text="emphysema", organ="lung", top=5, approximate=True)
     assert approx["scan"].tolist() == exact["scan"].tolist()
     np.testing.assert_allclose(approx["score"], exact["score"], rtol=1e-6)
+
+
+def test_a_graph_left_by_an_uncommitted_append_is_rebuilt(tmp_path):
+    import shutil
+
+    data = clustered(60, 8, seed=2).reshape(30, 2, 8)
+    big = ScanIndex.create(tmp_path / "big", ORGANS, 8, approximate=True)
+    big.add(data[:20], [f"s{i}" for i in range(20)])
+    small = ScanIndex.create(tmp_path / "small", ORGANS, 8, approximate=True)
+    small.add(data[:10], [f"s{i}" for i in range(10)])
+    shutil.copy(tmp_path / "big" / "ann-lung.faiss", tmp_path / "small" / "ann-lung.faiss")  # 20 nodes, 10 rows
+    with pytest.raises(InputError, match="no up-to-date approximate index of organ 'lung'"):
+        nearest(ScanIndex.open(tmp_path / "small"), "lung", data[0, 0], 3)
+    small = ScanIndex.open(tmp_path / "small")
+    small.add(data[20:25], [f"s{i}" for i in range(20, 25)])
+    _, vectors = small.vectors("lung")
+    for q in vectors[:5]:
+        found = nearest(small, "lung", q, 3)
+        assert found[0] == int(np.argmax(vectors @ q))
