@@ -26,8 +26,8 @@ from visd.errors import InputError
 
 __all__ = ["DEFAULT_KS", "RetrievalResult", "retrieval_metrics"]
 
-DEFAULT_KS = (1, 5, 10, 50)
-"""The cut-offs reported by default."""
+DEFAULT_KS = (5, 10, 50, 100)
+"""The cut-offs reported by default: those of CT-CLIP's report-to-volume retrieval."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def _check(scores: np.ndarray, labels: np.ndarray, findings: Sequence[str], ks: 
         raise InputError(f"labels must be 0 or 1: found {np.unique(labels)[:5].tolist()}. Binarise the labels first.")
     bad = [k for k in ks if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1]
     if bad or not ks:
-        raise InputError(f"cut-offs k must be integers >= 1: got {list(ks)}. Use e.g. ks=(1, 5, 10, 50).")
+        raise InputError(f"cut-offs k must be integers >= 1: got {list(ks)}. Use e.g. ks=(5, 10, 50, 100).")
 
 
 def _ranks(scores: np.ndarray) -> np.ndarray:
