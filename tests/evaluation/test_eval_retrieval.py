@@ -72,3 +72,21 @@ def test_dataframes_are_aligned_by_scan_and_finding():
 def test_bad_input(scores, labels, ks, words):
     with pytest.raises(InputError, match=words):
         retrieval_metrics(scores, labels, ks=ks)
+
+
+def test_a_diagnose_table_against_a_ct_rate_label_table(tmp_path):
+    from visd.evaluation import read_labels, read_predictions
+
+    from .conftest import make_tables
+
+    sklearn = pytest.importorskip("sklearn.metrics")
+    long, _, labels = make_tables(np.random.default_rng(7), n=80, missing_frac=0.0)
+    long.to_csv(tmp_path / "results.csv", index=False)
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    scores, table = read_predictions(tmp_path / "results.csv").scores, read_labels(tmp_path / "labels.csv").table
+    result = retrieval_metrics(scores, table)
+    assert list(result.per_finding.index) == list(scores.columns)  # the label-only column is not a query
+    for finding in scores.columns:
+        y = table.loc[scores.index, finding].to_numpy()
+        expected = sklearn.average_precision_score(y, scores[finding].to_numpy())
+        assert result.per_finding.loc[finding, "ap"] == pytest.approx(expected, rel=1e-12)
