@@ -6,6 +6,7 @@ scans in place of three bad ones, so that both ranks have good scans to journal.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -43,7 +44,8 @@ def _diagnose(manifest, model_dir, out, *, ranks: int | None, resume=False, faul
         launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
                      "--master_port", str(_free_port())]
     args = ["-m", "visd.cli", "diagnose", "--manifest", str(manifest), "--model", str(model_dir), "--out",
-            str(out / "results.csv"), "--embeddings", str(out / "emb.safetensors"), "--no-progress"]
+            str(out / "results.csv"), "--embeddings", str(out / "emb.safetensors"), "--json", str(out / "results.json"),
+            "--anomaly-maps", str(out / "maps"), "--no-progress"]
     return subprocess.run(launcher + args + (["--resume"] if resume else []), env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=600)
 
@@ -77,8 +79,13 @@ def _same_outputs(out, reference):
     e1, e2 = load_embeddings(out / "emb.safetensors"), load_embeddings(reference / "emb.safetensors")
     assert e1.scans == e2.scans and e1.organs == e2.organs
     np.testing.assert_allclose(e1.embeddings, e2.embeddings, rtol=1e-5, atol=1e-6)
+    j1, j2 = (json.loads((d / "results.json").read_text()) for d in (out, reference))
+    assert j1["scans"] == j2["scans"] and j1["failed"] == j2["failed"] and len(j1["failed"]) == 9
+    # a rank killed while writing a map may leave a hidden temporary file of atomic_path: not a map
+    maps = sorted(p.name for p in (out / "maps").iterdir() if not p.name.startswith("."))
+    assert maps == sorted(p.name for p in (reference / "maps").iterdir()) and len(maps) == 6
     assert not rank_journals(out / "results.csv") and not (out / "results.csv.journal").exists()
-    assert sorted(p.name for p in out.iterdir()) == ["emb.safetensors", "results.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["emb.safetensors", "maps", "results.csv", "results.json"]
 
 
 def test_shares_are_balanced_by_size_and_cover_the_manifest():
