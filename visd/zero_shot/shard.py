@@ -49,7 +49,7 @@ def rank_journals(out: str | os.PathLike) -> list[Path]:
     return sorted(out.parent.glob(out.name + ".journal.rank*"))
 
 
-def wanted(out: str | os.PathLike, resume: bool) -> bool:
+def wanted(out: str | os.PathLike) -> bool:
     """True when ``visd diagnose`` runs under torchrun or the journals of a sharded run are there."""
     return _under_torchrun() or bool(rank_journals(out))
 
