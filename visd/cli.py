@@ -47,6 +47,7 @@ def _optional_commands() -> list[Callable]:
         ("visd.demo", ("add_demo_parser",)),
         ("visd.evaluation.cli", ("add_evaluate_parser", "add_probe_parser")),
         ("visd.training.cli", ("add_train_parser",)),
+        ("visd.retrieval.cli", ("add_index_parser", "add_search_parser")),
     ):
         try:
             mod = __import__(module, fromlist=list(names))

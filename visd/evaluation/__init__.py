@@ -15,6 +15,7 @@ from .metrics import METRICS, THRESHOLDS, finding_metrics, official_threshold
 from .pipeline import Comparison, Evaluation, compare, evaluate
 from .probe import linear_probe
 from .report import write_report
+from .retrieval import RetrievalResult, retrieval_metrics
 from .tables import read_labels, read_predictions
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "Comparison",
     "Embeddings",
     "Evaluation",
+    "RetrievalResult",
     "bootstrap_finding",
     "compare",
     "evaluate",
@@ -32,6 +34,7 @@ __all__ = [
     "official_threshold",
     "read_labels",
     "read_predictions",
+    "retrieval_metrics",
     "save_embeddings",
     "write_report",
 ]

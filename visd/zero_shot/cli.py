@@ -162,6 +162,10 @@ def run_diagnose(args: argparse.Namespace) -> int:
     segment_dir = None
     if args.segment:
         segment_dir = args.segment_dir or str(Path(args.out).resolve().parent / "segmentations")
+    from . import shard
+
+    if shard.wanted(args.out):  # under torchrun, or the journals of a sharded run are there
+        return shard.run_sharded(args, inputs, masks, scan_ids, segment_dir)
 
     from .journal import holds_scans
 

@@ -37,6 +37,7 @@ __all__ = ["JOURNAL_FORMAT", "Journal", "ScanOutcome", "fingerprint", "holds_sca
 logger = logging.getLogger(__name__)
 
 JOURNAL_FORMAT = "visd.diagnose-journal/1"
+_FAULT = "VISD_DIAGNOSE_FAULT"  # test only: "<rank>:<n>" SIGKILLs rank <rank> (env RANK) after its n-th append
 
 
 @dataclass
@@ -109,6 +110,7 @@ class Journal:
         self.done: dict[str, ScanOutcome] = {}
         self._header = json.dumps({"format": JOURNAL_FORMAT, "fingerprint": key, "embeddings_shape": list(shape)})
         self._on_disk = False  # the file is (re)written with the first scan, so a run that diagnosed none leaves none
+        self._appended = 0
         if resume and self.path.is_file():
             self.done = self._read()
             logger.info("journal %s: %d scan(s) already diagnosed", self.path, len(self.done))
@@ -173,6 +175,9 @@ class Journal:
                 f.flush()
                 os.fsync(f.fileno())
         self.done[outcome.scan] = outcome
+        self._appended += 1
+        if os.environ.get(_FAULT) == f"{os.environ.get('RANK', '0')}:{self._appended}":
+            os.kill(os.getpid(), 9)  # SIGKILL: a crash, no cleanup
 
 
 def holds_scans(path: str | os.PathLike) -> bool:
