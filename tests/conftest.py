@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from visd.config import NormalityConfig, PreprocessConfig, TextConfig, ViSDConfig, VisionConfig
+# Triton reads TRITON_INTERPRET when it is imported and when a kernel is decorated. Any test module
+# may import triton at collection, long before tests/kernels is reached (monai -> torchvision ->
+# torch._dynamo does), so the interpreter is turned on here, first, wherever there is no GPU. Without
+# CUDA nothing but the kernel tests runs Triton; with CUDA the kernels compile and run on the GPU.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from visd.config import NormalityConfig, PreprocessConfig, TextConfig, ViSDConfig, VisionConfig  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 DATA = TESTS / "data"
