@@ -26,15 +26,15 @@ def test_without_totalsegmentator_one_line_exit_2_and_no_file(tmp_path):
 def test_the_label_map_lands_at_out(tmp_path, monkeypatch, capsys):
     calls = []
 
-    def run_totalsegmentator(ct_path, out_dir, fast=False, statistics=False):  # TotalSegmentator's output file
-        calls.append((str(ct_path), fast, statistics))
+    def run_totalsegmentator(ct_path, out_dir, fast=False, statistics=False, *, roi_subset=None, device=None):
+        calls.append((str(ct_path), fast, statistics, roi_subset, device))  # TotalSegmentator's output file
         return shutil.copy(SEG, out_dir / "totalsegmentator.nii.gz")
 
     module = importlib.import_module("visd.data.segment")  # the module (visd.data.segment is also the function)
     monkeypatch.setattr(module, "segment", run_totalsegmentator)
     out = tmp_path / "scan_totalseg.nii.gz"
-    assert main(["segment", str(CT), "--out", str(out), "--fast"]) == 0
-    assert calls == [(str(CT), True, False)]  # statistics off unless asked
+    assert main(["segment", str(CT), "--out", str(out), "--fast", "--device", "cuda:1"]) == 0
+    assert calls == [(str(CT), True, False, None, "cuda:1")]  # statistics off unless asked; every class
     assert out.read_bytes() == SEG.read_bytes() and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
     assert f"wrote {out}" in capsys.readouterr().out
 

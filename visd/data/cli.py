@@ -35,6 +35,8 @@ def add_segment_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("ct", metavar="CT", help="CT: NIfTI file or DICOM series folder")
     p.add_argument("--out", required=True, metavar="MASK", help="output label map (.nii.gz)")
     p.add_argument("--fast", action="store_true", help="TotalSegmentator's 3 mm --fast model (quicker, coarser)")
+    p.add_argument("--device", default=None, metavar="DEVICE",
+                   help="where TotalSegmentator runs: cpu, cuda, cuda:N or mps (default: the GPU when there is one)")
     p.add_argument("--allow-statistics", action="store_true",
                    help="leave TotalSegmentator's usage statistics setting as it is")
     p.set_defaults(func=run_segment)
@@ -52,7 +54,7 @@ def run_segment(args: argparse.Namespace) -> int:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as work:
-        written = segment(args.ct, Path(work), fast=args.fast, statistics=args.allow_statistics)
+        written = segment(args.ct, Path(work), fast=args.fast, statistics=args.allow_statistics, device=args.device)
         os.replace(written, out)
     print(f"wrote {out} (TotalSegmentator 'total' label map; pass it to visd diagnose with --mask)")
     return 0
