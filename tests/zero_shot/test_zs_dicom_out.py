@@ -7,6 +7,7 @@ with the patient and frame-of-reference attributes a scanner export carries.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import highdicom as hd
 import nibabel as nib
@@ -140,3 +141,14 @@ def test_cli_dicom_out(series, model_dir, tmp_path, capsys):
     sr = hd.sr.srread(tmp_path / "dicom" / "abdomen" / "findings_sr.dcm")
     assert sr.StudyInstanceUID == pydicom.dcmread(next(series.iterdir())).StudyInstanceUID
     assert not (tmp_path / "dicom" / "abdomen" / "anomaly_pm.dcm").exists()  # no --anomaly-maps
+
+
+def test_missing_highdicom_stops_the_run_before_any_scan(monkeypatch, series, model_dir, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "highdicom", None)
+    out = tmp_path / "r.csv"
+    args = ["diagnose", series, "--mask", SEG, "--model", model_dir, "--out", out, "--dicom-out", tmp_path / "dicom",
+            "--no-progress"]
+    assert main([str(a) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and 'pip install "visd[dicom]"' in err
+    assert not out.exists() and not Path(str(out) + ".journal").exists()  # nothing that blocks the next run

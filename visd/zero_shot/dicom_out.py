@@ -30,7 +30,7 @@ import numpy as np
 from visd._io import atomic_path
 from visd.errors import InputError, MissingDependencyError
 
-__all__ = ["DICOM_SCHEME", "read_source_series", "write_dicom_outputs", "write_scan_outputs"]
+__all__ = ["DICOM_SCHEME", "read_source_series", "require_highdicom", "write_dicom_outputs", "write_scan_outputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,8 @@ SR_NAME, PM_NAME = "findings_sr.dcm", "anomaly_pm.dcm"
 _NO_UNITS = ("1", "UCUM", "no units")
 
 
-def _highdicom():
+def require_highdicom():
+    """The highdicom module; :class:`MissingDependencyError` with the install command when it is missing."""
     try:
         import highdicom
     except ImportError as e:
@@ -109,7 +110,7 @@ def write_dicom_outputs(
         MissingDependencyError: highdicom is not installed.
         InputError: ``source`` is not a DICOM series folder, or the map does not fit the series.
     """
-    hd = _highdicom()
+    hd = require_highdicom()
     if not Path(source).is_dir():
         raise InputError(
             f"DICOM outputs need a DICOM series input, got {source}. Pass the series folder, or leave out --dicom-out."

@@ -27,7 +27,7 @@ from visd.models.model import ViSDModel
 from visd.models.outputs import OrganEmbeddings
 
 from .anomaly import anomaly_map, write_anomaly_map
-from .dicom_out import write_scan_outputs
+from .dicom_out import require_highdicom, write_scan_outputs
 from .findings import FindingLike, as_findings, load_findings
 from .journal import Journal, ScanOutcome, fingerprint
 from .loading import LoadedCase, check_num_workers, iter_cases
@@ -126,6 +126,8 @@ def diagnose(
     emb = np.full((len(sources), len(organs), model.config.embed_dim), np.nan, dtype=np.float32)
     report = DiagnosisReport(scans=tuple(ids), records=[], organs=organs, embeddings=emb)
     check_num_workers(num_workers)
+    if dicom_out is not None:
+        require_highdicom()  # before the first scan, not at the first DICOM scan's outputs
     if resume and journal is None:
         raise InputError("resume=True needs the journal of the interrupted run: pass journal=<its path>.")
     log = None
