@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from printed_table import assert_table_is_the_csv, parse_table
 from visd.evaluation import load_embeddings
 from visd.zero_shot.shard import _size, rank_journals, shares
 
@@ -104,6 +105,7 @@ def test_two_gloo_ranks_give_the_table_of_one_process(manifest, model_dir, singl
     assert "ChildFailedError" in proc.stderr and "exitcode  : 1" in proc.stderr
     assert "diagnosed 12 scan(s) on 2 rank(s): 3 ok, 9 failed" in proc.stdout
     _same_outputs(out, single)
+    assert_table_is_the_csv(parse_table(proc.stdout), pd.read_csv(out / "results.csv"))  # rank 0 prints the table
 
 
 @pytest.mark.slow

@@ -102,6 +102,7 @@ def run_sharded(args, inputs: list, masks: list, scan_ids: list[str] | None, seg
 
     from visd._io import atomic_write_text
     from visd.models.model import ViSDModel
+    from visd.pretrained import DEFAULT_MODEL
     from visd.training.engine import _setup_distributed
 
     from .findings import load_findings
@@ -128,7 +129,7 @@ def run_sharded(args, inputs: list, masks: list, scan_ids: list[str] | None, seg
                 f"{old[0]} holds the scans of an interrupted run. Pass --resume to continue it (with any number of "
                 "ranks), or delete the journals to start over."
             )
-        model = ViSDModel.from_pretrained(args.model).to(env.device)
+        model = ViSDModel.from_pretrained(args.model if args.model is not None else DEFAULT_MODEL).to(env.device)
         findings = load_findings(args.findings, model.organs) if args.findings else None
         share = shares([_size(s) for s in inputs], env.world)[env.rank]
         header, lines = _journaled(old) if args.resume else (None, {})
@@ -145,6 +146,7 @@ def run_sharded(args, inputs: list, masks: list, scan_ids: list[str] | None, seg
                 mask_format=args.mask_format, anomaly_maps_dir=args.anomaly_maps, embeddings_path=emb_path,
                 progress=not args.no_progress and env.rank == 0, scan_ids=[ids[i] for i in share],
                 segment_dir=segment_dir, num_workers=args.workers, journal=journal, resume=header is not None,
+                dicom_out=args.dicom_out,
             )
         if emb_path is not None:
             emb_path.unlink(missing_ok=True)  # rank 0 writes the merged file
@@ -165,6 +167,8 @@ def run_sharded(args, inputs: list, masks: list, scan_ids: list[str] | None, seg
                 written.append(str(save_embeddings(args.embeddings, merged.embeddings, list(ids), list(model.organs))))
             for path in [Path(str(out) + ".journal"), *rank_journals(out)]:
                 path.unlink(missing_ok=True)  # every output is written
+            print(merged.format_table())
+            print()
             n, bad = len(ids), len(merged.failed)
             resumed = f" ({len(merged.resumed)} taken from the journals)" if merged.resumed else ""
             print(f"diagnosed {n} scan(s) on {env.world} rank(s): {n - bad} ok{resumed}, {bad} failed; "
