@@ -48,7 +48,9 @@ def card_data(config: ViSDConfig, eval_results: Sequence[object] | None = None) 
     return ModelCardData(
         library_name="visd",
         license="other",
-        license_name="ct-rate-terms",
+        # The authors' repository states no licence for the weights (see the registry entry); the
+        # training data's terms are those of CT-RATE, linked here.
+        license_name="unspecified",
         license_link=f"https://huggingface.co/datasets/{TRAINING_DATASET}",
         base_model=BASE_MODEL,
         datasets=[TRAINING_DATASET],
