@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -75,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose == 0:  # huggingface_hub logs every retry of an unreachable Hub, twice (its handler and ours);
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # visd's own error says what failed (read on its import)
     try:
         return int(args.func(args) or 0)
     except VisdError as e:
