@@ -17,7 +17,7 @@ def add_index_parser(subparsers) -> argparse.ArgumentParser:
         description="Embed every organ of each scan (or take an embedding file from visd diagnose --embeddings) "
         "and add the scans to the index folder OUT (created, or appended to). A scan that cannot be read is "
         "skipped with its reason; the exit code is then 1.",
-        epilog="examples:\n  visd index --manifest cases.csv --model ./visd-model --out archive/\n"
+        epilog="examples:\n  visd index --manifest cases.csv --out archive/\n"
         "  visd index --embeddings emb.safetensors --model ./visd-model --out archive/ --approximate",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -25,7 +25,9 @@ def add_index_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--mask", action="append", default=None, metavar="MASK", help="organ mask of an INPUT; repeat")
     p.add_argument("--manifest", default=None, metavar="CSV", help="table of cases with columns image,mask[,scan]")
     p.add_argument("--embeddings", default=None, metavar="SAFETENSORS", help="an embedding file to index")
-    p.add_argument("--model", default=None, help="model folder or Hub repo id (recorded in the index)")
+    p.add_argument("--model", default=None,
+                   help="a named model, model folder or Hub repo id, recorded in the index (default when embedding "
+                   "scans: visd-boost-ctrate, as for visd diagnose)")
     p.add_argument("--mask-format", choices=("auto", "visd", "totalsegmentator"), default="auto")
     p.add_argument("--out", required=True, metavar="DIR", help="index folder")
     p.add_argument("--approximate", action="store_true",
@@ -55,10 +57,10 @@ def run_index(args: argparse.Namespace) -> int:
             inputs, masks, scan_ids = list(args.inputs), list(args.mask or []), None
             if len(masks) != len(inputs):
                 raise InputError(f"got {len(inputs)} INPUT(s) but {len(masks)} --mask. Expected one --mask per INPUT.")
-        if args.model is None:
-            raise InputError("indexing scans needs the model that embeds them: pass --model FOLDER_OR_REPO_ID.")
+        from visd.pretrained import DEFAULT_MODEL
+
         index, failed = index_scans(
-            inputs, masks, args.model, args.out, scan_ids=scan_ids, mask_format=args.mask_format,
+            inputs, masks, args.model if args.model is not None else DEFAULT_MODEL, args.out, scan_ids=scan_ids, mask_format=args.mask_format,
             approximate=args.approximate, progress=not args.no_progress,
         )
     elif args.approximate:
