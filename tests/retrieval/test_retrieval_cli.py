@@ -8,8 +8,9 @@ import sys
 import pandas as pd
 import pytest
 
+from conftest import make_tiny_model, save_in_cache
 from visd.cli import main
-from visd.retrieval import search
+from visd.retrieval import ScanIndex, search
 
 from .conftest import CT, SEG
 
@@ -44,13 +45,20 @@ def test_bad_search_is_one_line_and_exit_2(tmp_path):
     ]
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["index", "--out", "x"], "nothing to index"),
-    (["index", str(CT), "--mask", str(SEG), "--out", "x"], "needs the model"),
-])
-def test_bad_index_arguments(argv, words, capsys):
-    assert main(argv) == 2
-    assert words in capsys.readouterr().err
+def test_nothing_to_index_is_one_error(capsys):
+    assert main(["index", "--out", "x"]) == 2
+    assert "nothing to index" in capsys.readouterr().err
+
+
+def test_without_model_the_named_default_embeds_and_is_recorded(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VISD_HOME", str(tmp_path / "cache"))  # the named model, as a finished first use left it
+    save_in_cache(make_tiny_model(seed=3), "visd-boost-ctrate")
+    out = tmp_path / "archive"
+    assert main(["index", str(CT), "--mask", str(SEG), "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert ScanIndex.open(out).model == "visd-boost-ctrate"
+    hits = search(out, scan=str(CT), mask=str(SEG), organ="lung", top=1)  # the index's own model embeds the query
+    assert hits.loc[0, "scan"] == "abdomen_3mm" and abs(hits.loc[0, "score"] - 1) < 1e-5
 
 
 def test_indexing_known_scans_again_is_refused_before_any_work(tmp_path, model_dir, capsys):
