@@ -80,6 +80,7 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=list(LIBRARIES))
     p.add_argument("--record", action="store_true", help="append the rows to benchmarks/README.md")
+    p.add_argument("--conditions", default="", help="what else ran on the machine, for the row (e.g. 'under load from other jobs')")
     p.add_argument("--m", type=int, default=M, help="HNSW graph degree (visd ships 32)")
     p.add_argument("--ef-search", type=int, default=EF_SEARCH, help="HNSW search breadth (visd ships 128)")
     args = p.parse_args()
@@ -105,8 +106,8 @@ def main() -> None:
             query_ms = 1000 * (time.perf_counter() - t0) / len(queries)
             recall = np.mean([len(set(f.tolist()) & set(t.tolist())) / 10 for f, t in zip(found, truth)])
             note = (f"build {build_s:.2f} s, query {query_ms:.3f} ms, recall@10 {recall:.3f}; exact numpy "
-                    f"{exact_ms:.2f} ms/query; HNSW M={M} efC={EF_CONSTRUCTION} ef={EF_SEARCH}, 1 thread, "
-                    f"under load from other agents")
+                    f"{exact_ms:.2f} ms/query; HNSW M={M} efC={EF_CONSTRUCTION} ef={EF_SEARCH}, 1 thread"
+                    + (f"; {args.conditions}" if args.conditions else ""))
             print(f"  {name} {version}: {note}")
             if args.record:
                 record(f"ANN index {rows} x {args.dim} synthetic", f"{name} {version}", build_s, peak_rss_gb(),

@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each rank")
     ap.add_argument("--model", default=None, help="model folder (default: the tests' tiny model)")
     ap.add_argument("--record", action="store_true", help="append the rows to benchmarks/README.md")
+    ap.add_argument("--conditions", default="", help="what else ran on the machine, for the row (e.g. 'under load from other jobs')")
     args = ap.parse_args()
     data = REPO / "tests" / "data"
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,7 +69,7 @@ def main() -> None:
                 raise SystemExit(proc.stderr[-3000:])
             note = (f"{args.scans / seconds:.3f} scans/s, {args.scans} abdomen CTs, "
                     f"{'tiny model' if args.model is None else args.model}, OMP_NUM_THREADS={args.threads} per rank, "
-                    "wall time incl. torchrun start and model load per rank; under load from other agents")
+                    "wall time incl. torchrun start and model load per rank" + (f"; {args.conditions}" if args.conditions else ""))
             print(f"{ranks} rank(s): {seconds:.2f} s, {note}")
             if args.record:
                 record(f"diagnose {args.scans} scans, torchrun", f"{ranks} rank(s), gloo", seconds, float("nan"),
