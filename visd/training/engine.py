@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from visd._distributed import ProcessGroup, join_process_group
 from visd._io import atomic_write_text
 from visd.errors import ConfigError, InputError
 from visd.models.model import ViSDModel
@@ -77,40 +78,6 @@ class Position:
     stage_step: int = 0
 
 
-@dataclass
-class _Dist:
-    rank: int
-    world: int
-    device: torch.device
-    created: bool
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-
-def _setup_distributed(config: TrainConfig) -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda was requested but CUDA is not available; set device: cpu or leave it empty")
-    use_cuda = config.device == "cuda" or (config.device is None and torch.cuda.is_available())
-    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    created = False
-    if world > 1 and not dist.is_initialized():
-        backend = config.backend if config.backend != "auto" else ("nccl" if use_cuda else "gloo")
-        if backend == "nccl" and not use_cuda:
-            raise ConfigError("backend: nccl needs CUDA; use backend: gloo (or auto) on the CPU")
-        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world)
-        created = True
-    if dist.is_available() and dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-    return _Dist(rank, world, device, created)
-
-
 def build_model(config: TrainConfig) -> ViSDModel:
     """The model of ``config.model``: a pretrained folder, or a new one seeded with ``config.seed``."""
     source = config.model
@@ -155,7 +122,7 @@ def _check_resume(config: TrainConfig, state: dict[str, Any], world: int) -> Non
 class _Run:
     """State shared by the stages of one ``train`` call."""
 
-    def __init__(self, config: TrainConfig, env: _Dist, resume: bool) -> None:
+    def __init__(self, config: TrainConfig, env: ProcessGroup, resume: bool) -> None:
         self.config, self.env = config, env
         self.out = Path(config.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
@@ -419,7 +386,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     While it runs, ``config.deterministic`` turns on ``torch.use_deterministic_algorithms(True,
     warn_only=True)`` (and deterministic cuDNN); the previous settings are restored afterwards.
     """
-    env = _setup_distributed(config)
+    env = join_process_group(config.device, config.backend)
     previous = (
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),

@@ -14,7 +14,7 @@
   table, JSON and embedding file in manifest order, atomically, then removes the journals. A bad scan
   is skipped on its rank as in one process; it never stops the others.
 * **Devices.** One GPU per rank (``LOCAL_RANK``) when CUDA is available, else the CPU. The process group
-  is set up as the training engine does (:func:`visd.training.engine._setup_distributed`).
+  is joined as in training (:func:`visd._distributed.join_process_group`).
 
 A crash of any rank ends the whole ``torchrun`` job (its agent stops the other ranks); what the ranks
 journaled is kept, and the next ``--resume`` diagnoses only the rest.
@@ -27,7 +27,6 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -100,10 +99,10 @@ def run_sharded(args, inputs: list, masks: list, scan_ids: list[str] | None, seg
     """``visd diagnose`` as one rank of a torchrun job (or alone, resuming a sharded run)."""
     import torch.distributed as dist
 
+    from visd._distributed import join_process_group
     from visd._io import atomic_write_text
     from visd.models.model import ViSDModel
     from visd.pretrained import DEFAULT_MODEL
-    from visd.training.engine import _setup_distributed
 
     from .findings import load_findings
     from .pipeline import _check_ids, diagnose, scan_ids_for
@@ -117,7 +116,7 @@ def run_sharded(args, inputs: list, masks: list, scan_ids: list[str] | None, seg
             f"rank with LOCAL_RANK={local} has no GPU of its own: this node has {gpus}. Start at most {gpus} "
             "processes per node (torchrun --nproc_per_node), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on the CPU."
         )
-    env = _setup_distributed(SimpleNamespace(device=None, backend="gloo"))
+    env = join_process_group(None, "gloo")  # gloo also when the ranks use GPUs: the merge sends objects
     try:
         out = Path(args.out)
         ids = scan_ids_for(inputs) if scan_ids is None else _check_ids(scan_ids, len(inputs))
