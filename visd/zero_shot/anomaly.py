@@ -84,16 +84,8 @@ def pick_slices(volume: np.ndarray, n: int = 3, organ_mask: np.ndarray | None = 
         return list(range(depth))
     chosen: list[int] = []
     if organ_mask is not None:
-        peaks = []
-        labels, flat_volume = np.asarray(organ_mask).reshape(-1), volume.reshape(-1)
-        plane = volume[0].size
-        for label in np.unique(labels[labels != 0]):
-            where = np.flatnonzero(labels == label)  # ascending: the first voxel of the peak, as argmax
-            values = flat_volume[where]
-            k = int(np.argmax(values))
-            if float(values[k]) > 0:
-                peaks.append((-float(values[k]), int(where[k]) // plane))
-        chosen = list(dict.fromkeys(d for _, d in sorted(peaks)))[:n]
+        peaks = sorted((-value, d) for _, value, d in _organ_peaks(volume, organ_mask))
+        chosen = list(dict.fromkeys(d for _, d in peaks))[:n]
     flat = volume.reshape(depth, -1)
     order = [int(d) for d in np.lexsort((-flat.sum(axis=1), -flat.max(axis=1)))]  # last key is primary
     gap = max(1, depth // (2 * n))
@@ -108,6 +100,24 @@ def pick_slices(volume: np.ndarray, n: int = 3, organ_mask: np.ndarray | None = 
         if d not in chosen:
             chosen.append(d)
     return sorted(chosen)
+
+
+def _organ_peaks(volume: np.ndarray, organ_mask: np.ndarray) -> list[tuple[int, float, int]]:
+    """``(label, peak value, slice)`` of each organ whose highest value in ``volume`` is positive.
+
+    The peak is the organ's first voxel (C order) holding its highest value, as ``argmax`` picks it; only
+    the organ's own voxels are read (no copy of the volume per organ).
+    """
+    labels, flat_volume = np.asarray(organ_mask).reshape(-1), np.asarray(volume).reshape(-1)
+    plane = int(np.prod(np.shape(volume)[1:]))
+    peaks = []
+    for label in np.unique(labels[labels != 0]):
+        where = np.flatnonzero(labels == label)  # ascending: the first voxel of the peak, as argmax
+        values = flat_volume[where]
+        k = int(np.argmax(values))
+        if float(values[k]) > 0:
+            peaks.append((int(label), float(values[k]), int(where[k]) // plane))
+    return peaks
 
 
 def input_slice(geometry: PreprocessGeometry, d: int) -> tuple[int, int]:
@@ -205,11 +215,9 @@ def render_overlay(
     peak_of: dict[int, int] = {}  # final-grid slice -> the label whose highest value lies there (the highest wins)
     if organ_mask is not None:
         best: dict[int, float] = {}
-        for label in np.unique(organ_mask[organ_mask > 0]):
-            values = np.where(organ_mask == label, amap, 0.0)
-            d, value = int(np.unravel_index(np.argmax(values), values.shape)[0]), float(values.max())
-            if value > 0 and value > best.get(d, 0.0):
-                best[d], peak_of[first + d] = value, int(label)
+        for label, value, d in _organ_peaks(amap, organ_mask):
+            if value > best.get(d, 0.0):
+                best[d], peak_of[first + d] = value, label
     vmax = float(amap.max()) if float(amap.max()) > 0 else 1.0
     norm, cmap = Normalize(0.0, vmax), "inferno"
     fig = Figure(figsize=(3.6 * len(slices) + 1.2, 4.6), layout="constrained")
