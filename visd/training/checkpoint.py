@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from visd.errors import CheckpointMismatchError
-from visd.training import _fault
+from visd import _fault
 
 __all__ = [
     "FORMAT",

@@ -33,7 +33,7 @@ from visd._distributed import ProcessGroup, join_process_group
 from visd._io import atomic_write_text
 from visd.errors import ConfigError, InputError
 from visd.models.model import ViSDModel
-from visd.training import _fault
+from visd import _fault
 from visd.training import checkpoint as ckpt
 from visd.training.config import StageConfig, TrainConfig, lr_factor
 from visd.training.data import (

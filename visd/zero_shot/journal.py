@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from visd import _fault
 from visd._io import atomic_write_text
 from visd.errors import InputError
 
@@ -37,7 +38,6 @@ __all__ = ["JOURNAL_FORMAT", "Journal", "ScanOutcome", "fingerprint", "holds_sca
 logger = logging.getLogger(__name__)
 
 JOURNAL_FORMAT = "visd.diagnose-journal/1"
-_FAULT = "VISD_DIAGNOSE_FAULT"  # test only: "<rank>:<n>" SIGKILLs rank <rank> (env RANK) after its n-th append
 
 
 @dataclass
@@ -176,8 +176,7 @@ class Journal:
                 os.fsync(f.fileno())
         self.done[outcome.scan] = outcome
         self._appended += 1
-        if os.environ.get(_FAULT) == f"{os.environ.get('RANK', '0')}:{self._appended}":
-            os.kill(os.getpid(), 9)  # SIGKILL: a crash, no cleanup
+        _fault.kill_if_armed(os.environ.get("RANK", "0"), self._appended, _fault.DIAGNOSE_ENV)  # tests only
 
 
 def holds_scans(path: str | os.PathLike) -> bool:
