@@ -4,7 +4,7 @@ Each benchmark script prints its figures and appends one row per measurement to 
 (machine, torch version, commit, mode). Run them from the repository root, one process per
 measurement so that the peak memory is that measurement's own, e.g.::
 
-    python benchmarks/bench_volume.py --mode fast
+    python benchmarks/bench_volume.py --mode fused
 """
 
 from __future__ import annotations
@@ -199,12 +199,22 @@ def window_inputs(seed: int = 0):
     ], seed)
 
 
-def set_mode(model, mode: str) -> None:
-    """Apply a named inference mode: official | fast | fast-bf16 | fast-nocl | fast-nobatch (fast-cl = fast)."""
-    known = {"official", "fast", "fast-bf16", "fast-cl", "fast-nocl", "fast-nobatch"}
-    if mode not in known:
-        raise SystemExit(f"unknown mode {mode!r}; choose from {sorted(known)}")
-    model.official_numerics = mode == "official"
-    model.autocast_dtype = torch.bfloat16 if "bf16" in mode else None
-    model.channels_last = mode not in ("official", "fast-nocl")
-    model.window_batch_size = 1 if mode in ("official", "fast-nobatch") else 4
+MODES = ("official", "fused", "fused-bf16", "fused-nocl", "fused-nobatch")
+
+
+def set_mode(model, mode: str) -> dict:
+    """Apply a named inference mode (one of :data:`MODES`; ``fast*``, the names of earlier rows, are
+    the same as ``fused*``) with ``model.set_numerics``; returns the options of the per-volume
+    procedure (``window_batch_size``) for ``visd.inference.zero_shot_classify``/``encode_volume``."""
+    mode = mode.replace("fast", "fused", 1) if mode.startswith("fast") else mode
+    if mode == "fused-cl":
+        mode = "fused"
+    if mode not in MODES:
+        raise SystemExit(f"unknown mode {mode!r}; choose from {list(MODES)}")
+    if mode == "official":
+        model.set_numerics("official")
+    else:
+        model.set_numerics(
+            "fused", autocast=torch.bfloat16 if mode == "fused-bf16" else None, channels_last=mode != "fused-nocl"
+        )
+    return {"window_batch_size": 1 if mode in ("official", "fused-nobatch") else 4}

@@ -11,12 +11,14 @@ import sys
 
 import torch
 
+from visd.inference import clear_prompt_cache
+
 from _common import full_size_model, peak_rss_gb, record, timed
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--mode", default="fast", choices=["official", "fast", "cached"])
+    ap.add_argument("--mode", default="fast", choices=["official", "fused", "cached"])
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     model = full_size_model()
@@ -24,9 +26,9 @@ def main() -> None:
     with torch.no_grad():
         if args.mode == "official":
             fn = lambda: torch.stack([model.encode_text([f.negative[0], f.positive[0]], padding="max_length") for f in findings])  # noqa: E731
-        elif args.mode == "fast":
+        elif args.mode == "fused":
             def fn():
-                model._prompt_cache.clear()
+                clear_prompt_cache()
                 return model.prompt_embeddings(findings)
         else:
             model.prompt_embeddings(findings)

@@ -30,7 +30,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scans", type=int, default=3)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--mode", default="fast")
+    ap.add_argument("--mode", default="fused")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--data", type=Path, default=None, help="folder for the scan files (kept; default: temporary)")
     ap.add_argument("--maps", action="store_true", help="also write each scan's anomaly maps (NIfTI and PNG)")

@@ -2,7 +2,7 @@
 (reference: official code 60.5 s and 7.5 GB peak on a 2-core CPU; its lung window is 176 x 448 x 384).
 
 ``--mode official`` runs the official operation order and encodes the 16 prompt pairs one finding at a
-time padded to 384 tokens, as the official evaluation does for every volume; the fast modes encode the
+time padded to 384 tokens, as the official evaluation does for every volume; the fused modes encode the
 prompts in one batch without padding. The time includes the text (first call, nothing cached), and
 ``--compare`` also checks the probabilities against the official-numerics path, and ``--float64`` against
 the fast path run in float64 (exact algebra, so within about 1e-12 of the true value): how far each
@@ -16,6 +16,8 @@ import math
 import sys
 
 import torch
+
+from visd.inference import clear_prompt_cache, encode_volume, zero_shot_classify
 
 from _common import chest_volume, full_size_model, peak_gpu_gb, peak_rss_gb, record, set_mode, system_usage, timed
 
@@ -32,25 +34,25 @@ def _max_dev(a, b) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--mode", default="fast")
+    ap.add_argument("--mode", default="fused")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compare", action="store_true", help="also run the official path and report the max deviation")
-    ap.add_argument("--float64", action="store_true", help="also report the deviation from a float64 run of the fast path")
+    ap.add_argument("--float64", action="store_true", help="also report the deviation from a float64 run of the fused numerics")
     args = ap.parse_args()
     model = full_size_model(args.device)
-    set_mode(model, args.mode)
+    options = set_mode(model, args.mode)
     image, mask = chest_volume()
     image, mask = image.to(args.device), mask.to(args.device)
     if args.mode == "official":
         def run():
             with torch.no_grad():
                 text = official_text(model)
-                emb = model.encode_image(image, mask)
+                emb = encode_volume(model, image, mask, **options)
                 return [float(torch.softmax(emb[f.organ] @ t.t() / model.temperature, -1)[1]) for f, t in zip(model.config.findings, text)]
     else:
         def run():
-            model._prompt_cache.clear()
-            return [s.probability for s in model.zero_shot_classify(image, mask).scores]
+            clear_prompt_cache()
+            return [s.probability for s in zero_shot_classify(model, image, mask, **options).scores]
     faults, system = system_usage()
     probs, seconds = timed(run)
     faults, system = (b - a for a, b in zip((faults, system), system_usage()))
@@ -58,13 +60,12 @@ def main() -> None:
     note = f"{args.device}, {faults / 1e6:.2f}M page faults, {system:.1f} s system CPU"
     official = probs if args.mode == "official" else None
     if args.compare and args.mode != "official":
-        set_mode(model, "official")
-        official = [s.probability for s in model.zero_shot_classify(image, mask).scores]
+        official = [s.probability for s in zero_shot_classify(model, image, mask, **set_mode(model, "official")).scores]
         note += f", max |p - p_official| = {_max_dev(probs, official):.1e}"
     if args.float64:
-        set_mode(model, "fast")
+        options = set_mode(model, "fused")
         model.double()
-        exact = [s.probability for s in model.zero_shot_classify(image, mask).scores]
+        exact = [s.probability for s in zero_shot_classify(model, image, mask, **options).scores]
         note += f", max |p - p_float64| = {_max_dev(probs, exact):.1e}"
         if official is not None and args.mode != "official":
             note += f", official path vs float64 {_max_dev(official, exact):.1e}"

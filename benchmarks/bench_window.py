@@ -12,7 +12,7 @@ from _common import full_size_model, peak_gpu_gb, peak_rss_gb, record, set_mode,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--mode", default="fast")
+    ap.add_argument("--mode", default="fused")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()

@@ -29,14 +29,14 @@ main() {
   $PY -c "import torch, visd; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0), torch.__version__, visd.__version__)" || return 1
   step $PY -m pytest tests/kernels -q -x -p no:cacheprovider
   step $PY benchmarks/bench_kernels.py
-  for mode in official fast fast-bf16; do
+  for mode in official fused fused-bf16; do
     step $PY benchmarks/bench_window.py --mode "$mode" --repeat 3
   done
-  step $PY benchmarks/bench_volume.py --mode fast --compare
-  step $PY benchmarks/bench_volume.py --mode fast-bf16
-  step $PY benchmarks/bench_volume.py --mode fast-nobatch
+  step $PY benchmarks/bench_volume.py --mode fused --compare
+  step $PY benchmarks/bench_volume.py --mode fused-bf16
+  step $PY benchmarks/bench_volume.py --mode fused-nobatch
   step $PY benchmarks/bench_throughput.py --scans 4 --workers 0 2 4
-  step $PY benchmarks/bench_text.py --mode fast
+  step $PY benchmarks/bench_text.py --mode fused
 }
 
 main 2>&1 | tee "$OUT/gpu.log"

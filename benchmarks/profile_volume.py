@@ -2,7 +2,7 @@
 ``torch.profiler``, as a table of operators by self CPU time. Prints only (no row in README.md); the
 profiler adds some overhead, so take the shares, not the total, from it::
 
-    python benchmarks/profile_volume.py --mode fast --rows 20
+    python benchmarks/profile_volume.py --mode fused --rows 20
 """
 
 from __future__ import annotations
@@ -12,19 +12,21 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from visd.inference import zero_shot_classify
+
 from _common import chest_volume, full_size_model, set_mode
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--mode", default="fast")
+    ap.add_argument("--mode", default="fused")
     ap.add_argument("--rows", type=int, default=20, help="operators to list")
     args = ap.parse_args()
     model = full_size_model("cpu")
-    set_mode(model, args.mode)
+    options = set_mode(model, args.mode)
     image, mask = chest_volume()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        model.zero_shot_classify(image, mask)
+        zero_shot_classify(model, image, mask, **options)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=40))
 
 

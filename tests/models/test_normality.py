@@ -82,7 +82,7 @@ def test_reconstruction_undoes_scaling(generator):
     cfg = NormalityConfig(hidden_dim=16, dim=24, depth=1, heads=2, head_dim=8, mlp_dim=32, codebook_size=8)
     model = NormalityModel(8, cfg).eval()
     tokens = torch.randn(7, 8, generator=generator) * 3 + 1
-    out = model(tokens, organ_index=2)
+    (out,) = model([tokens], [2])
     mn = tokens.min()
     mx = (tokens - mn).max()
     torch.testing.assert_close(out.reconstruction, (out.decoded + 0.5) * mx + mn)
@@ -103,10 +103,28 @@ def test_fused_attention_matches_the_official_order(generator, monkeypatch):
     sdpa = F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
     with torch.no_grad():
-        plain = model(tokens, organ_index=1)
+        (plain,) = model([tokens], [1])
         assert not calls
-        fused = model(tokens, organ_index=1, fused_attention=True)
+        (fused,) = model([tokens], [1], fused_attention=True)
     assert len(calls) == 2 * cfg.depth  # every attention of the encoder and the decoder
     assert torch.equal(fused.codes, plain.codes)
     torch.testing.assert_close(fused.encoded, plain.encoded, rtol=0, atol=1e-5)
     torch.testing.assert_close(fused.reconstruction, plain.reconstruction, rtol=0, atol=1e-5)
+
+
+def test_many_organs_in_one_call_equal_each_alone_and_update_the_codebook_once(generator):
+    cfg = NormalityConfig(hidden_dim=16, dim=24, depth=1, heads=2, head_dim=8, mlp_dim=32, codebook_size=8)
+    model = NormalityModel(8, cfg).eval()
+    tokens = [torch.randn(n, 8, generator=generator) for n in (5, 1, 9)]
+    with torch.no_grad():
+        together = model(tokens, [0, 3, 1])
+        alone = [model([t], [o])[0] for t, o in zip(tokens, [0, 3, 1])]
+    for a, b in zip(together, alone):  # the codes are looked up row by row: the same bits
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.reconstruction, b.reconstruction)
+    model.train()
+    steps = int(model.quantizer.ema_steps)
+    model(tokens, [0, 3, 1])
+    assert int(model.quantizer.ema_steps) == steps + 1  # one EMA update for three organs
+    before = model.quantizer.embeddings.clone()
+    assert model([], []) == []
+    assert int(model.quantizer.ema_steps) == steps + 1 and torch.equal(model.quantizer.embeddings, before)

@@ -26,11 +26,11 @@ def window_inputs():
 
 
 def _encode(model, image, mask, sizes, official):
-    model.official_numerics = official
+    previous = model.set_numerics("official" if official else "fused")
     try:
         return model.encode_window(image, mask, whole_organ_sizes=sizes)
     finally:
-        model.official_numerics = False
+        model.set_numerics(previous)
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,8 @@ def window_out(official_tiny_model, window_inputs):
 
 
 @pytest.fixture(scope="module")
-def fast_window_out(official_tiny_model, window_inputs):
-    """The default fast path."""
+def fused_window_out(official_tiny_model, window_inputs):
+    """The default fused numerics."""
     image, mask = window_inputs
     return _encode(official_tiny_model, image, mask, CASE["inputs"]["whole_organ_sizes"], official=False)
 
@@ -131,7 +131,7 @@ def test_official_numerics_are_deterministic(official_tiny_model, window_inputs,
         assert torch.equal(again.details[organ].codes, window_out.details[organ].codes)
 
 
-@pytest.mark.parametrize("path", ["window_out", "fast_window_out"])
+@pytest.mark.parametrize("path", ["window_out", "fused_window_out"])
 def test_probabilities(official_tiny_model, path, request):
     out = request.getfixturevalue(path)
     with torch.no_grad():
@@ -141,10 +141,10 @@ def test_probabilities(official_tiny_model, path, request):
         torch.testing.assert_close(torch.softmax(logits, -1), torch.from_numpy(NPZ["probs"][i]), rtol=0, atol=1e-5)
 
 
-def test_fast_path_matches_official_numerics(window_out, fast_window_out):
-    torch.testing.assert_close(fast_window_out.embeddings, window_out.embeddings, rtol=0, atol=1e-5)
+def test_fused_numerics_match_official_numerics(window_out, fused_window_out):
+    torch.testing.assert_close(fused_window_out.embeddings, window_out.embeddings, rtol=0, atol=1e-5)
     for organ in window_out.organs:
-        a, b = window_out.details[organ], fast_window_out.details[organ]
+        a, b = window_out.details[organ], fused_window_out.details[organ]
         assert torch.equal(a.codes, b.codes) and torch.equal(a.level4_index, b.level4_index)
         # the reference notes ~2e-5 on attention outputs for any fused formulation
         torch.testing.assert_close(b.attention_output, a.attention_output, rtol=0, atol=5e-5)
@@ -232,9 +232,9 @@ def test_non_state_dict_pickle_is_refused(tmp_path):
         read_official_checkpoints([path])
 
 
-def test_fast_path_matches_official_numerics_on_a_real_ct(official_tiny_model):
+def test_fused_numerics_match_official_numerics_on_a_real_ct(official_tiny_model):
     """Per-volume procedure on the real CT preprocessed by the official scripts (lung and aorta):
-    the default fast path gives the official path's probabilities within 1e-5."""
+    the default fused numerics give the official order's probabilities within 1e-5."""
     case = np.load(DATA / "expected.npz")
     mask = torch.from_numpy(case["mask"])
     image = torch.zeros(mask.shape)
@@ -242,11 +242,11 @@ def test_fast_path_matches_official_numerics_on_a_real_ct(official_tiny_model):
     image[inner] = torch.from_numpy(case["image_inner"])
     probs = {}
     for official in (True, False):
-        official_tiny_model.official_numerics = official
+        previous = official_tiny_model.set_numerics("official" if official else "fused")
         try:
             result = official_tiny_model.zero_shot_classify(image, mask)
         finally:
-            official_tiny_model.official_numerics = False
+            official_tiny_model.set_numerics(previous)
         probs[official] = torch.tensor([s.probability for s in result.scores])
     scored = ~probs[True].isnan()
     assert int(scored.sum()) >= 2  # lung and aorta findings

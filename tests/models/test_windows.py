@@ -1,10 +1,11 @@
-"""The official per-volume window rules."""
+"""The official per-volume windows and the rule of which organs count in a window."""
 
 from __future__ import annotations
 
 import torch
 
-from visd.models.windows import Status, _axis_window, exclusion_reason, organ_window, pad_to_token_multiple
+from visd.inference.windows import _axis_window, organ_window
+from visd.models.windows import STATUSES, Status, exclusion_reason, pad_to_token_multiple, window_status
 
 
 def test_axis_window_known_answers():
@@ -55,3 +56,36 @@ def test_exclusion_rules():
     inner = organ.clone()
     inner[6, 6, 2] = True
     assert exclusion_reason(inner, None, 0.9) is None
+
+
+def _reference_status(mask, o, target, whole, min_fraction):
+    """The rule written out for one organ of one window, voxel by voxel."""
+    organ = mask == o + 1
+    if not bool(organ.any()):
+        return Status.ABSENT
+    if o == target:
+        return Status.SCORED
+    idx = torch.nonzero(organ)
+    for axis, n in enumerate(mask.shape):
+        if bool(((idx[:, axis] <= 1) | (idx[:, axis] >= n - 2)).any()):
+            return Status.BORDER
+    if whole is not None and int(organ.sum()) / whole < min_fraction:
+        return Status.INCOMPLETE
+    return Status.SCORED
+
+
+def test_window_status_of_a_batch_equals_the_rule_organ_by_organ(generator):
+    masks = torch.zeros(3, 16, 32, 32, dtype=torch.uint8)
+    masks[0, 4:8, 4:8, 4:8] = 1  # inside
+    masks[0, 1, 10, 10] = 2  # plane 1 is border
+    masks[0, 5:7, 29, 5:7] = 3  # plane n-3: inside
+    masks[1, 4:6, 4:6, 30] = 1  # plane n-2: border, but the window's target
+    masks[1, 6:9, 6:9, 6:9] = 2  # 27 voxels: incomplete against 100
+    masks[2] = torch.randint(0, 5, (16, 32, 32), generator=generator, dtype=torch.uint8)
+    targets, whole, fraction = [None, 0, 3], [None, 100, 4, None], 0.5
+    codes = window_status(masks, 4, targets=targets, whole_sizes=whole, min_fraction=fraction)
+    got = [[STATUSES[int(c)] for c in row] for row in codes]
+    expected = [[_reference_status(masks[b], o, targets[b], whole[o], fraction) for o in range(4)] for b in range(3)]
+    assert got == expected
+    assert got[0] == [Status.SCORED, Status.BORDER, Status.SCORED, Status.ABSENT]
+    assert got[1] == [Status.SCORED, Status.INCOMPLETE, Status.ABSENT, Status.ABSENT]

@@ -127,8 +127,10 @@ def test_normality_stage_uses_normal_organs_only_and_freezes_the_encoder():
 
 
 def test_normality_loss_matches_the_model_for_one_organ():
-    """With one normal organ the stage's loss is the VQ-VAE's own: recon MSE / 0.5 + commitment."""
+    """With one normal organ the stage's loss is the VQ-VAE's own: recon MSE / 0.5 + commitment
+    (the official order on both sides, so the codebooks' EMA steps are equal bit for bit)."""
     model = _model()
+    model.set_numerics("official")
     stage = StageConfig(objectives=("normality",))
     configure_trainable(model, stage)
     set_train_modes(model, stage)
@@ -140,8 +142,8 @@ def test_normality_loss_matches_the_model_for_one_organ():
         from visd.models.vision import organ_token_flags
 
         flags = organ_token_flags(batch.mask, 4)
-        ref = reference.normality(levels[3][0][flags[3][0, 2]], 2)
-    expected = F.mse_loss(ref.decoded, ref.scaled_input) / 0.5 + ref.commitment_loss
+        (ref,) = reference.normality([levels[3][0][flags[3][0, 2]]], [2])
+    expected = F.mse_loss(ref.decoded, ref.scaled_input) / 0.5 + 0.25 * F.mse_loss(ref.encoded, ref.quantized)
     assert float(out.loss.detach()) == pytest.approx(float(expected), rel=1e-5)
     assert torch.equal(model.normality.quantizer.embeddings, reference.normality.quantizer.embeddings)  # same EMA step
 

@@ -1,5 +1,6 @@
-"""Which organs each objective used: one rule with the model (exclusion_reason), known counts on
-phantom crops, the reasons of each objective, and the no-organ check of a stage."""
+"""Which organs each objective used: one rule (window_status) for inference, the training forward
+and the normality stage, known counts on phantom crops, the reasons of each objective, and the
+no-organ check of a stage."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import torch
 from conftest import make_tiny_model, tiny_config
 
 from visd.errors import InputError
+from visd.models.windows import window_status
+from visd.training.data import Batch
 from visd.training.config import StageConfig
 from visd.training.reports import normal_sentence
 from visd.training.stages import StageObjective, configure_trainable, make_momentum, momentum_keys, set_train_modes
@@ -16,7 +19,6 @@ from visd.training.usage import (
     OBJECTIVE_REASONS,
     OrganUsage,
     alignment_counts,
-    crop_codes,
     disease_counts,
     normality_counts,
     reduce_usage,
@@ -40,14 +42,30 @@ def _masks() -> torch.Tensor:
     return m
 
 
-def test_crop_codes_are_exclusion_reason_and_agree_with_the_model_forward():
+def test_inference_training_and_the_normality_stage_apply_one_rule():
+    """Heart touching the border at index 1, the aorta of scan 1 at the last plane: inference, the
+    training forward and the normality stage all leave exactly those out, as window_status says."""
     mask = _masks()
-    codes = crop_codes(mask, 4)
+    codes = window_status(mask, 4)
     assert codes.tolist() == [[0, 2, 1, 0], [1, 1, 1, 2]]
     model = make_tiny_model()
+    image = torch.rand(2, 1, *ROI)
     with torch.no_grad():
-        out = model(torch.rand(2, 1, *ROI), mask)
-    assert torch.equal(out.organ_valid, codes == 0)  # the training counts use the model's own rule
+        windows = model.embed_windows(image, mask[:, 0])  # inference
+        out = model(image, mask)  # the training forward
+    assert [[w.status[o] for o in ORGANS] for w in windows] == [
+        ["scored", "touches_window_border", "organ_absent", "scored"],
+        ["organ_absent", "organ_absent", "organ_absent", "touches_window_border"],
+    ]
+    assert torch.equal(out.organ_status, codes) and torch.equal(out.organ_valid, codes == 0)
+    assert bool(out.organ_embeddings[0, 1].eq(0).all()) and not bool(out.organ_embeddings[0, 0].eq(0).all())
+    stage = StageConfig(objectives=("normality",))
+    configure_trainable(model, stage)
+    set_train_modes(model, stage)
+    texts = [[normal_sentence(o) for o in ORGANS]] * 2
+    batch = Batch(torch.arange(2), image, mask, torch.zeros(2, 4, dtype=torch.bool), texts)
+    used = StageObjective(model, stage)(batch).usage
+    assert used.counts["normality"][:, :3].tolist() == [[1, 1, 0], [0, 1, 1], [0, 2, 0], [1, 0, 1]]
 
 
 def test_counts_of_each_objective():

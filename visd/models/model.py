@@ -11,27 +11,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visd.config import FindingSpec, ViSDConfig
+from visd.config import ViSDConfig
 from visd.errors import InputError, did_you_mean
-from visd.models.fast import backbone_features, organ_features, pool_organ, project
+from visd.models.image_path import OrganTokens, image_path
 from visd.models.inputs import as_volume, check_window_shape
-from visd.models.normality import NormalityModel
-from visd.models.outputs import (
-    FindingScore,
-    OrganDetail,
-    OrganEmbeddings,
-    ViSDOutput,
-    ZeroShotResult,
-)
+from visd.models.normality import NormalityModel, NormalityOutput
+from visd.models.numerics import Numerics
+from visd.models.outputs import OrganDetail, OrganEmbeddings, ViSDOutput, ZeroShotResult
 from visd.models.pooling import OrganPooling
 from visd.models.text import TextTower
 from visd.models.vision import TOKEN_MULTIPLE, VisionEncoder, organ_token_flags
-from visd.models.windows import Status, _touches_border, exclusion_reason, organ_window
-from visd.zero_shot.findings import FindingLike, as_findings
+from visd.models.windows import STATUSES, window_status
 
 __all__ = ["ViSDModel"]
 
 logger = logging.getLogger(__name__)
+
+# runtime options of earlier releases, and what replaced them
+_RETIRED_OPTIONS = {
+    "official_numerics": "use model.set_numerics('official') or model.set_numerics('fused')",
+    "autocast_dtype": "use model.set_numerics('fused', autocast=torch.bfloat16)",
+    "channels_last": "use model.set_numerics('fused', channels_last=...)",
+    "window_batch_size": "pass window_batch_size= to visd.inference.encode_volume / zero_shot_classify",
+}
 
 
 class ViSDModel(nn.Module):
@@ -41,6 +43,10 @@ class ViSDModel(nn.Module):
     authors' ``.pth`` release). Inputs are preprocessed volumes, see ``docs/ct_conventions.md``:
     ``image`` ``(D, H, W)`` float in [0, 1], ``organ_mask`` ``(D, H, W)`` integer labels where organ
     ``config.organs[i]`` has value ``i + 1``.
+
+    The image path computes with the numerics of :meth:`set_numerics` (default: fused, exact
+    algebra with less work). The per-volume procedure and zero-shot scoring live in
+    :mod:`visd.inference`; :meth:`encode_image` and :meth:`zero_shot_classify` delegate to it.
     """
 
     def __init__(self, config: ViSDConfig, tokenizer: Any = None) -> None:
@@ -52,19 +58,14 @@ class ViSDModel(nn.Module):
         self.text = TextTower(config.text, config.embed_dim)
         self.temperature = nn.Parameter(torch.tensor(config.temperature))
         self.tokenizer = tokenizer
-        self._prompt_cache: dict[tuple[str, ...], torch.Tensor] = {}
-        #: Inference numerics. False (default): the fast path of :mod:`visd.models.fast`, equal to
-        #: the official computation up to float rounding (~1e-6). True: the official operation
-        #: order, bit-exact with the authors' code, slower and heavier.
-        self.official_numerics = False
-        #: Fast-path options (see ``docs/performance.md``): autocast dtype for the backbone (e.g.
-        #: ``torch.bfloat16``), channels-last 3D memory format, and how many equal-shape windows of a
-        #: volume share one backbone batch (more uses more memory).
-        self.autocast_dtype: torch.dtype | None = None
-        self.channels_last = True
-        self.window_batch_size = 4
+        self.set_numerics(Numerics())
 
     # -- bookkeeping ------------------------------------------------------------------------
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _RETIRED_OPTIONS:  # a silently ignored attribute would run other numerics than asked
+            raise AttributeError(f"ViSDModel.{name} is gone: {_RETIRED_OPTIONS[name]} (see docs/performance.md)")
+        super().__setattr__(name, value)
+
     @property
     def organs(self) -> tuple[str, ...]:
         return self.config.organs
@@ -73,13 +74,29 @@ class ViSDModel(nn.Module):
     def device(self) -> torch.device:
         return self.temperature.device
 
-    def train(self, mode: bool = True) -> "ViSDModel":
-        self._prompt_cache.clear()
-        return super().train(mode)
+    @property
+    def numerics(self) -> Numerics:
+        """The image path's numerics (see :meth:`set_numerics`)."""
+        return self._image_path.numerics
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        self._prompt_cache.clear()
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+    def set_numerics(
+        self, mode: str | Numerics = "fused", *, autocast: torch.dtype | None = None, channels_last: bool = True
+    ) -> Numerics:
+        """Choose how the image path computes, for inference and training; returns the previous numerics.
+
+        Args:
+            mode: ``"fused"`` (default: exact algebra with less work, float rounding only, about
+                1e-6 on probabilities) or ``"official"`` (the authors' operation order, bit for bit
+                on the same CPU kind, slower and heavier), or a :class:`~visd.models.numerics.Numerics`
+                (e.g. the one an earlier call returned, to restore it).
+            autocast: ``torch.bfloat16`` (or ``torch.float16``) runs the fused backbone under
+                autocast: faster where the hardware has it, about 1e-2 on probabilities.
+            channels_last: the fused backbone's residual stages in channels-last 3D.
+        """
+        numerics = mode if isinstance(mode, Numerics) else Numerics(mode, autocast, channels_last)
+        previous = getattr(self, "_image_path", None)
+        self._image_path = image_path(numerics)
+        return previous.numerics if previous is not None else numerics
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute the backbone's four stages in the backward pass (less memory, one more forward).
@@ -121,39 +138,78 @@ class ViSDModel(nn.Module):
         out = self.text(ids, mask)
         return F.normalize(out, dim=-1) if normalize else out
 
-    # -- image --------------------------------------------------------------------------------
-    def _volume(self, x: Any, name: str, *, is_mask: bool) -> torch.Tensor:
-        return as_volume(x, name, num_organs=len(self.organs) if is_mask else None, device=self.device)
+    # -- image: the per-organ computation ----------------------------------------------------------
+    def _embed_organs(
+        self, levels: list[torch.Tensor], flags: list[torch.Tensor], items: Sequence[tuple[int, int]]
+    ) -> tuple[torch.Tensor, list[OrganTokens], list[NormalityOutput], list[torch.Tensor]]:
+        """Unnormalised embeddings ``(N, E)`` of the (window, organ) ``items``, with the tokens,
+        normality outputs and attention outputs behind them; one normality call for all items."""
+        path = self._image_path
+        tokens = [path.organ_tokens(self.vision, levels, flags, b, o) for b, o in items]
+        organs = [o for _, o in items]
+        normal = self.normality([t.level4 for t in tokens], organs, fused_attention=path.fused_attention)
+        attention = [path.attend(self.pooling, t, n.reconstruction, o) for t, n, o in zip(tokens, normal, organs)]
+        rows = [self.pooling.project[o](a) for a, o in zip(attention, organs)]
+        proj = torch.stack(rows) if rows else levels[0].new_zeros((0, self.config.embed_dim))
+        return proj, tokens, normal, attention
 
-    def _organ_embedding(
-        self, shared: list[tuple[torch.Tensor, Any]], roi: torch.Tensor, o: int, *, fast: bool
-    ) -> tuple[torch.Tensor, OrganDetail, Any]:
-        """Embedding (unnormalised) of organ ``o``.
+    @torch.no_grad()
+    def embed_windows(
+        self,
+        images: torch.Tensor,
+        masks: torch.Tensor,
+        organs: Sequence[int] | None = None,
+        *,
+        targets: Sequence[int | None] | None = None,
+        whole_organ_sizes: Sequence[int | None] | None = None,
+        normalize: bool = True,
+    ) -> list[OrganEmbeddings]:
+        """Embeddings of organs in a batch of equal-shape windows, with the official exclusion rules.
+
+        No input checks (see :meth:`encode_window` for one checked window).
 
         Args:
-            shared: the organ's level 1-3 tokens as ``(x, proj)`` parts (see :func:`fast.pool_organ`);
-                the plain path takes one part of projected tokens, ``(tokens, None)``.
-            roi: ``(n4, E)`` the organ's level-4 tokens.
+            images: ``(B, 1, D, H, W)`` preprocessed windows, each axis a multiple of (16, 32, 32).
+            masks: ``(B, D, H, W)`` organ labels of the windows.
+            organs: organ indices to embed in every window (default: all).
+            targets: per window, the organ it was cut for (only required to be present), or None.
+            whole_organ_sizes: per organ of the model, its voxel count in the whole volume (None: no
+                fraction rule for it), see :func:`visd.models.windows.window_status`.
+
+        Returns:
+            One :class:`OrganEmbeddings` per window, rows in the order of ``organs``.
         """
-        normality = self.normality(roi, o, fused_attention=fast)
-        if fast:
-            attn = pool_organ(self.pooling, shared, roi, normality.reconstruction, o)
-        else:
-            other = torch.cat([x for x, _ in shared], 0)
-            original = torch.cat([other, roi], 0)
-            normal = torch.cat([other, normality.reconstruction], 0)
-            attn = self.pooling.attend(original, normal, o)
-        proj = self.pooling.project[o](attn)
-        detail = OrganDetail(
-            level4_index=torch.zeros(0, dtype=torch.int64),
-            level4_grid=(0, 0, 0),
-            codes=normality.codes,
-            deviation=(roi - normality.reconstruction).norm(dim=-1).detach(),
-            decoded=normality.decoded.detach(),
-            attention_output=attn.detach(),
-            projection=proj.detach(),
+        indices = list(range(len(self.organs))) if organs is None else list(organs)
+        names = tuple(self.organs[o] for o in indices)
+        status = window_status(
+            masks, len(self.organs), targets=targets, whole_sizes=whole_organ_sizes,
+            min_fraction=self.config.min_organ_fraction,
         )
-        return proj, detail, normality
+        levels = self._image_path.levels(self.vision, images.to(self.temperature.dtype))
+        flags = organ_token_flags(masks, len(self.organs))
+        items = [(b, o) for b in range(images.shape[0]) for o in indices if int(status[b, o]) == 0]
+        proj, tokens, normal, attention = self._embed_organs(levels, flags, items)
+        grid = tuple(n // s for n, s in zip(masks.shape[-3:], TOKEN_MULTIPLE))
+        out = []
+        for b in range(images.shape[0]):
+            emb = torch.full((len(names), self.config.embed_dim), float("nan"), device=self.device)
+            details: dict[str, OrganDetail] = {}
+            for (bi, o), p, t, n, a in zip(items, proj, tokens, normal, attention):
+                if bi != b:
+                    continue
+                emb[indices.index(o)] = F.normalize(p, dim=-1) if normalize else p
+                details[self.organs[o]] = OrganDetail(
+                    level4_index=torch.nonzero(flags[3][b, o]).flatten(),
+                    level4_grid=grid,
+                    codes=n.codes,
+                    deviation=(t.level4 - n.reconstruction).norm(dim=-1),
+                    decoded=n.decoded,
+                    attention_output=a,
+                    projection=p,
+                )
+            codes = {name: STATUSES[int(status[b, o])] for name, o in zip(names, indices)}
+            out.append(OrganEmbeddings(names, emb.float(), codes, details))
+        return out
 
     @torch.no_grad()
     def encode_window(
@@ -177,71 +233,26 @@ class ViSDModel(nn.Module):
             organ_mask: ``(D, H, W)`` organ labels of the window.
             organs: organs to embed (default: all of the model's).
         """
-        img, mask = self._volume(image, "image", is_mask=False), self._volume(organ_mask, "organ_mask", is_mask=True)
+        img = as_volume(image, "image", num_organs=None, device=self.device)
+        mask = as_volume(organ_mask, "organ_mask", num_organs=len(self.organs), device=self.device)
         if img.shape != mask.shape:
             raise InputError(f"image and organ_mask differ in shape: image {tuple(img.shape)}, mask {tuple(mask.shape)}")
         check_window_shape(img.shape)
         names = tuple(organs) if organs is not None else self.organs
+        indices = [self.organ_index(n) for n in names]
         target_index = self.organ_index(target) if target is not None else None
-        levels, flags = self._window_levels(img[None, None], mask[None])
-        return self._window_organs(levels, flags, mask, 0, names, target_index, dict(whole_organ_sizes or {}), normalize)
-
-    def _window_levels(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Level features (fast path: backbone maps; plain path: projected tokens) and organ flags."""
-        x = images.to(self.temperature.dtype)
-        flags = organ_token_flags(masks, len(self.organs))
-        if self.official_numerics:
-            return self.vision(x), flags
-        with torch.autocast(x.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None):
-            feats = backbone_features(self.vision.backbone, x, channels_last=self.channels_last)
-        return [f.to(self.temperature.dtype) for f in feats], flags
-
-    def _window_organs(
-        self,
-        levels: list[torch.Tensor],
-        flags: list[torch.Tensor],
-        mask: torch.Tensor,
-        b: int,
-        names: Sequence[str],
-        target_index: int | None,
-        whole: Mapping[str, int],
-        normalize: bool,
-    ) -> OrganEmbeddings:
-        """Embeddings of ``names`` in batch item ``b`` of a window batch, with the exclusion rules."""
-        grid = tuple(n // s for n, s in zip(mask.shape, TOKEN_MULTIPLE))
-        emb = torch.full((len(names), self.config.embed_dim), float("nan"), device=self.device)
-        status: dict[str, str] = {}
-        details: dict[str, OrganDetail] = {}
-        for row, name in enumerate(names):
-            o = self.organ_index(name)
-            organ = mask == o + 1
-            if o == target_index:
-                reason = None if bool(organ.any()) else Status.ABSENT
-            else:
-                reason = exclusion_reason(organ, whole.get(name), self.config.min_organ_fraction)
-            if reason is not None:
-                status[name] = reason
-                continue
-            if self.official_numerics:
-                keys = [lv[b][fl[b, o]] for lv, fl in zip(levels, flags)]
-                shared, roi = [(torch.cat(keys[:3], 0), None)], keys[3]
-            else:
-                feats = organ_features(levels, flags, b, o)
-                projs = self.vision.projections()
-                shared, roi = list(zip(feats[:3], projs[:3])), project(projs[3], feats[3])
-            proj, detail, _ = self._organ_embedding(shared, roi, o, fast=not self.official_numerics)
-            detail.level4_grid = grid
-            detail.level4_index = torch.nonzero(flags[3][b, o]).flatten()
-            emb[row] = F.normalize(proj, dim=-1) if normalize else proj
-            status[name] = Status.SCORED
-            details[name] = detail
-        return OrganEmbeddings(tuple(names), emb.float(), status, details)
+        sizes = dict(whole_organ_sizes or {})
+        whole = [sizes.get(name) for name in self.organs]
+        return self.embed_windows(
+            img[None, None], mask[None], indices, targets=[target_index], whole_organ_sizes=whole, normalize=normalize
+        )[0]
 
     @torch.no_grad()
     def encode_image(
         self, image: Any, organ_mask: Any, organs: Sequence[str] | None = None, normalize: bool = True
     ) -> OrganEmbeddings:
-        """Per-organ embeddings of a preprocessed volume, by the official per-volume procedure.
+        """Per-organ embeddings of a preprocessed volume, by the official per-volume procedure
+        (:func:`visd.inference.encode_volume`).
 
         Each present organ gets one window centred on it (at least the model's ROI), holding only
         that organ; absent organs get a NaN row and status ``"organ_absent"``.
@@ -252,74 +263,22 @@ class ViSDModel(nn.Module):
             organs: organs to embed (default: all).
             normalize: L2-normalise the embeddings.
         """
-        img, mask = self._volume(image, "image", is_mask=False), self._volume(organ_mask, "organ_mask", is_mask=True)
-        if img.shape != mask.shape:
-            raise InputError(
-                f"organ mask and image differ in shape: mask {tuple(mask.shape)}, image {tuple(img.shape)}. "
-                "Pass the label map that was computed on this CT."
-            )
-        names = tuple(organs) if organs is not None else self.organs
-        emb = torch.full((len(names), self.config.embed_dim), float("nan"), device=self.device)
-        status: dict[str, str] = {name: Status.ABSENT for name in names}
-        details: dict[str, OrganDetail] = {}
-        windows = {}
-        for name in names:
-            window = organ_window(img, mask, self.organ_index(name), self.config.preprocess.roi)
-            if window is not None:
-                windows[name] = window
-        for group in self._window_batches(windows):
-            levels, flags = self._window_levels(
-                torch.cat([windows[n].image for n in group]), torch.cat([windows[n].mask[:, 0] for n in group])
-            )
-            for b, name in enumerate(group):
-                w = windows[name]
-                out = self._window_organs(levels, flags, w.mask[0, 0], b, [name], w.organ_index, {}, normalize)
-                emb[names.index(name)] = out.embeddings[0]
-                status[name] = out.status[name]
-                details[name] = out.details[name]
-                details[name].window_start = w.start
-            del levels, flags
-        return OrganEmbeddings(names, emb, status, details)
+        from visd.inference import encode_volume
 
-    def _window_batches(self, windows: Mapping[str, Any]) -> list[list[str]]:
-        """Organs grouped into backbone batches of equal window shape, at most ``window_batch_size`` each."""
-        by_shape: dict[tuple[int, ...], list[str]] = {}
-        for name, w in windows.items():
-            by_shape.setdefault(tuple(w.image.shape), []).append(name)
-        step = max(1, self.window_batch_size)
-        return [names[i : i + step] for names in by_shape.values() for i in range(0, len(names), step)]
+        return encode_volume(self, image, organ_mask, organs=organs, normalize=normalize)
 
     # -- zero-shot ------------------------------------------------------------------------------
-    def _findings(self, findings: Sequence[FindingLike] | None) -> list[FindingSpec]:
-        return list(self.config.findings) if findings is None else as_findings(findings, self.organs)
+    def prompt_embeddings(self, findings: Sequence[Any]) -> torch.Tensor:
+        """``(F, 2, E)`` normalised [negative, positive] text embeddings of ``FindingSpec`` s
+        (:func:`visd.inference.prompt_embeddings`; cached while the text tower's weights are unchanged)."""
+        from visd.inference import prompt_embeddings
 
-    def prompt_embeddings(self, findings: Sequence[FindingSpec]) -> torch.Tensor:
-        """``(F, 2, E)`` normalised [negative, positive] text embeddings; several phrasings are averaged.
-
-        Results are cached per prompt set while the model is in eval mode.
-        """
-        prompts = tuple(p for f in findings for p in (*f.negative, *f.positive))
-        cached = self._prompt_cache.get(prompts)
-        if cached is None:
-            with torch.no_grad():
-                cached = self.encode_text(list(prompts))
-            if not self.training:
-                self._prompt_cache[prompts] = cached
-        rows, i = [], 0
-        for f in findings:
-            pair = []
-            for n in (len(f.negative), len(f.positive)):
-                e = cached[i : i + n]
-                pair.append(e[0] if n == 1 else F.normalize(e.mean(0), dim=-1))
-                i += n
-            rows.append(torch.stack(pair))
-        return torch.stack(rows)
+        return prompt_embeddings(self, findings)
 
     @torch.no_grad()
-    def zero_shot_classify(
-        self, image: Any, organ_mask: Any, findings: Sequence[FindingLike] | None = None
-    ) -> ZeroShotResult:
-        """Zero-shot diagnosis of a preprocessed volume, by the official per-volume procedure.
+    def zero_shot_classify(self, image: Any, organ_mask: Any, findings: Sequence[Any] | None = None) -> ZeroShotResult:
+        """Zero-shot diagnosis of a preprocessed volume, by the official per-volume procedure
+        (:func:`visd.inference.zero_shot_classify`).
 
         Args:
             image: ``(D, H, W)`` or ``(1, D, H, W)`` preprocessed volume, values in [0, 1].
@@ -331,19 +290,9 @@ class ViSDModel(nn.Module):
             Per finding, the organ and the positive-class probability (NaN with the reason when the
             organ was not scored).
         """
-        specs = self._findings(findings)
-        organs = tuple(dict.fromkeys(f.organ for f in specs))
-        emb = self.encode_image(image, organ_mask, organs=organs)
-        text = self.prompt_embeddings(specs)
-        scores = []
-        for spec, pair in zip(specs, text):
-            status = emb.status[spec.organ]
-            prob = float("nan")
-            if status == Status.SCORED:
-                logits = emb[spec.organ] @ pair.t() / self.temperature
-                prob = float(torch.softmax(logits, dim=-1)[1])
-            scores.append(FindingScore(spec.organ, spec.name, prob, status))
-        return ZeroShotResult(scores, emb)
+        from visd.inference import zero_shot_classify
+
+        return zero_shot_classify(self, image, organ_mask, findings)
 
     # -- training -------------------------------------------------------------------------------
     def forward(
@@ -353,7 +302,10 @@ class ViSDModel(nn.Module):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> ViSDOutput:
-        """Training forward pass over a batch of crops.
+        """Training forward pass over a batch of crops, with the numerics of :meth:`set_numerics`.
+
+        Organs count by :func:`visd.models.windows.window_status` (present, not touching the crop
+        border); the normality model is called once for all of them.
 
         Args:
             image: ``(B, 1, D, H, W)`` float crops, each axis a multiple of (16, 32, 32).
@@ -364,36 +316,21 @@ class ViSDModel(nn.Module):
             raise InputError(f"image must be (B, 1, D, H, W), got {tuple(image.shape)}")
         mask = organ_mask[:, 0] if organ_mask.dim() == 5 else organ_mask
         check_window_shape(image.shape[-3:])
-        levels = self.vision(image)
-        flags = organ_token_flags(mask, len(self.organs))
-        b_size, n_org = image.shape[0], len(self.organs)
-        embeddings = image.new_zeros(b_size, n_org, self.config.embed_dim)
-        valid = torch.zeros(b_size, n_org, dtype=torch.bool, device=image.device)
-        commit, recon, codes = [], [], {}
-        for b in range(b_size):
-            for o in range(n_org):
-                organ = mask[b] == o + 1
-                if not bool(organ.any()) or _touches_border(organ):
-                    continue
-                keys = [lv[b][fl[b, o]] for lv, fl in zip(levels, flags)]
-                proj, _, normality = self._organ_embedding([(torch.cat(keys[:3], 0), None)], keys[3], o, fast=False)
-                embeddings[b, o] = F.normalize(proj, dim=-1)
-                valid[b, o] = True
-                commit.append(normality.commitment_loss)
-                recon.append(F.mse_loss(normality.decoded, normality.scaled_input) / 0.5)
-                codes[(b, o)] = normality.codes
-        zero = image.new_zeros(())
+        n_org = len(self.organs)
+        status = window_status(mask, n_org)
+        levels = self._image_path.levels(self.vision, image)
+        flags = organ_token_flags(mask, n_org)
+        items = [(int(b), int(o)) for b, o in torch.nonzero(status == 0).tolist()]
+        proj, _, _, _ = self._embed_organs(levels, flags, items)
+        embeddings = image.new_zeros(image.shape[0], n_org, self.config.embed_dim, dtype=proj.dtype)
+        if items:
+            rows = torch.tensor(items, device=image.device)
+            embeddings = embeddings.index_put((rows[:, 0], rows[:, 1]), F.normalize(proj, dim=-1))
         text = None
         if input_ids is not None:
             text = F.normalize(self.text(input_ids, attention_mask), dim=-1)
         return ViSDOutput(
-            organ_embeddings=embeddings,
-            organ_valid=valid,
-            text_embeddings=text,
-            temperature=self.temperature,
-            commitment_loss=torch.stack(commit).mean() if commit else zero,
-            reconstruction_loss=torch.stack(recon).mean() if recon else zero,
-            codes=codes,
+            organ_embeddings=embeddings, organ_status=status, text_embeddings=text, temperature=self.temperature
         )
 
     # -- weights ------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ tokens would look like if it were normal; the model fuses it with the original t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -103,7 +104,7 @@ class QuantizerOutput:
         quantized: ``(..., dim)`` codebook rows (inference) or the straight-through
             ``z + (q - z).detach()`` (training).
         codes: ``(...)`` int64 index of the nearest codebook row.
-        commitment_loss: scalar ``commitment_cost * mse(z, sg(q))``.
+        commitment_loss: scalar ``commitment_cost * mse(z, sg(q))`` (0 at inference or for no rows).
     """
 
     quantized: torch.Tensor
@@ -157,7 +158,7 @@ class EMAQuantizer(nn.Module):
             return QuantizerOutput(q.reshape(z.shape), codes.reshape(z.shape[:-1]), zero)
         self._ema_update(flat.detach().float(), codes)
         q = self.embeddings[codes].to(z.dtype)
-        commitment = self.commitment_cost * F.mse_loss(flat, q.detach())
+        commitment = self.commitment_cost * F.mse_loss(flat, q.detach()) if len(flat) else z.new_zeros(())
         st = flat + (q - flat).detach()
         return QuantizerOutput(st.reshape(z.shape), codes.reshape(z.shape[:-1]), commitment)
 
@@ -169,6 +170,8 @@ class EMAQuantizer(nn.Module):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(counts)
             torch.distributed.all_reduce(dw)
+        if not bool(counts.sum()):  # no vector anywhere (the same decision on every process): no update
+            return
         self.ema_steps += 1
         steps = int(self.ema_steps)
         cluster = self.ema_cluster_size.update(counts, self.decay, steps)
@@ -193,7 +196,7 @@ class NormalityOutput:
         decoded: ``(n, C)`` decoder output before undoing the min-max scaling.
         codes: ``(n,)`` codebook indices.
         encoded: ``(n, dim)`` encoder output (condition token dropped).
-        commitment_loss: scalar (0 at inference).
+        quantized: ``(n, dim)`` the codebook rows (the straight-through estimate in train mode).
         scaled_input: ``(n, C)`` the min-max scaled input, the reconstruction target.
     """
 
@@ -201,7 +204,7 @@ class NormalityOutput:
     decoded: torch.Tensor
     codes: torch.Tensor
     encoded: torch.Tensor
-    commitment_loss: torch.Tensor
+    quantized: torch.Tensor
     scaled_input: torch.Tensor
 
 
@@ -220,16 +223,30 @@ class NormalityModel(nn.Module):
         cond = self.condition(scaled.new_tensor([float(organ_index)]))
         return self.encoder(torch.cat([cond[None], scaled], 0)[None], fused_attention)[0, 1:]
 
-    def forward(self, tokens: torch.Tensor, organ_index: int, *, fused_attention: bool = False) -> NormalityOutput:
-        """Reconstruct one organ's level-4 tokens ``(n, C)`` as normal anatomy.
+    def forward(
+        self, tokens: Sequence[torch.Tensor], organs: Sequence[int], *, fused_attention: bool = False
+    ) -> list[NormalityOutput]:
+        """Reconstruct organs' level-4 tokens as normal anatomy, with one quantiser call for all.
+
+        Each organ is encoded and decoded on its own (the official operation order); the codes of
+        all organs are looked up together, so in train mode the codebook gets exactly one EMA update
+        (one set of collectives under ``torch.distributed``) per call, whatever the organ count.
 
         Args:
+            tokens: per organ, its level-4 tokens ``(n_i, C)``.
+            organs: per organ, its index (the condition token).
             fused_attention: run the transformers' attention through
                 :func:`torch.nn.functional.scaled_dot_product_attention` (fused on CPU and GPU; float
                 rounding only) instead of the official operation order.
         """
-        scaled, mn, mx = minmax_scale(tokens)
-        z = self.encode(scaled, organ_index, fused_attention=fused_attention)
+        scaled = [minmax_scale(t) for t in tokens]
+        encoded = [self.encode(s, o, fused_attention=fused_attention) for (s, _, _), o in zip(scaled, organs)]
+        dim = self.quantizer.embeddings.shape[1]
+        z = torch.cat(encoded) if encoded else self.quantizer.embeddings.new_zeros((0, dim))
         vq = self.quantizer(z)
-        decoded = self.decoder(vq.quantized[None], fused_attention)[0]
-        return NormalityOutput((decoded + 0.5) * mx + mn, decoded, vq.codes, z, vq.commitment_loss, scaled)
+        sizes = [e.shape[0] for e in encoded]
+        outs = []
+        for (s, mn, mx), e, q, codes in zip(scaled, encoded, vq.quantized.split(sizes), vq.codes.split(sizes)):
+            decoded = self.decoder(q[None], fused_attention)[0]
+            outs.append(NormalityOutput((decoded + 0.5) * mx + mn, decoded, codes, e, q, s))
+        return outs

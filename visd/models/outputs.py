@@ -111,19 +111,19 @@ class ViSDOutput:
     """Training forward pass output.
 
     Attributes:
-        organ_embeddings: ``(B, O, E)`` L2-normalised; zero rows where ``organ_valid`` is False.
-        organ_valid: ``(B, O)`` bool, organ present and not touching the crop border.
+        organ_embeddings: ``(B, O, E)`` L2-normalised; zero rows where the organ does not count.
+        organ_status: ``(B, O)`` int64 (CPU) codes of :func:`visd.models.windows.window_status`:
+            0 the organ counts (present, not touching the crop border), 1 absent, 2 touches the border.
         text_embeddings: ``(N, E)`` L2-normalised, or None when no text was given.
         temperature: scalar, logits are ``cos / temperature``.
-        commitment_loss: mean VQ commitment loss over scored organs (0 in eval mode).
-        reconstruction_loss: mean ``mse(decoded, scaled input) / 0.5`` over scored organs.
-        codes: per (batch, organ) scored, the codebook indices of its level-4 tokens.
     """
 
     organ_embeddings: torch.Tensor
-    organ_valid: torch.Tensor
+    organ_status: torch.Tensor
     text_embeddings: torch.Tensor | None
     temperature: torch.Tensor
-    commitment_loss: torch.Tensor
-    reconstruction_loss: torch.Tensor
-    codes: dict[tuple[int, int], torch.Tensor]
+
+    @property
+    def organ_valid(self) -> torch.Tensor:
+        """``(B, O)`` bool on the embeddings' device: the organ counts in the crop."""
+        return (self.organ_status == 0).to(self.organ_embeddings.device)

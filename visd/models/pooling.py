@@ -13,8 +13,9 @@ class OrganPooling(nn.Module):
 
     For organ ``o`` with tokens ``original`` and ``normal`` (both ``(n, E)``), the hybrid token is
     ``[original ; normal]`` (``2E`` wide), fused by ``fuse2[o](fuse1[o](.))`` to ``E``; the organ's
-    query attends over the fused tokens with the shared multi-head attention; ``project[o]``
-    maps the result to the embedding space.
+    query attends over the fused tokens with the shared multi-head attention (:meth:`attend`);
+    ``project[o]`` maps the result to the embedding space. :func:`visd.models.fused.pool_organ`
+    computes :meth:`attend` with the same weights in O(n d).
     """
 
     def __init__(self, num_organs: int, dim: int, heads: int) -> None:
@@ -32,7 +33,3 @@ class OrganPooling(nn.Module):
         query = self.query_tokens[organ_index][None, None]
         out, _ = self.attention(query, fused, fused)
         return out[0, 0]
-
-    def forward(self, original: torch.Tensor, normal: torch.Tensor, organ_index: int) -> torch.Tensor:
-        """Unnormalised organ embedding ``(E,)`` from ``(n, E)`` original and normal tokens."""
-        return self.project[organ_index](self.attend(original, normal, organ_index))

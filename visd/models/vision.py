@@ -111,10 +111,6 @@ class VisionEncoder(nn.Module):
         feats = self.backbone(image)
         return [proj(f).flatten(2).transpose(1, 2) for proj, f in zip(self.projections(), feats)]
 
-    def feature_maps(self, image: torch.Tensor) -> list[torch.Tensor]:
-        """Backbone outputs of the four levels, ``(B, C_k, d_k, h_k, w_k)``, before projection."""
-        return self.backbone(image)
-
 
 def organ_token_flags(organ_mask: torch.Tensor, num_organs: int) -> list[torch.Tensor]:
     """Which tokens of each level belong to each organ (``max_pool3d(organ, stride) > 0``).

@@ -1,18 +1,21 @@
-"""The official per-volume procedure: one organ-centred window per organ, and the exclusion rules.
+"""Which organs count in a window or a crop: the one rule of inference, training and the normality stage.
 
-All arrays here are preprocessed ``(D, H, W)`` volumes (see ``docs/ct_conventions.md``).
+An organ counts in a window when it is present and has no voxel on the window border (index 0, 1,
+n-2 or n-1 of an axis); at inference a non-target organ must also hold at least ``min_fraction`` of
+its whole-volume voxels. :func:`window_status` decides it for a batch of windows at once.
+All arrays here are preprocessed label maps (see ``docs/ct_conventions.md``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from visd.models.vision import TOKEN_MULTIPLE
 
-__all__ = ["OrganWindow", "organ_window", "pad_to_token_multiple", "exclusion_reason", "Status"]
+__all__ = ["STATUSES", "Status", "exclusion_reason", "pad_to_token_multiple", "window_status"]
 
 
 class Status:
@@ -22,34 +25,10 @@ class Status:
     ABSENT = "organ_absent"
     BORDER = "touches_window_border"
     INCOMPLETE = "incomplete_in_window"
-    NOT_REQUESTED = "not_requested"
 
 
-@dataclass(frozen=True)
-class OrganWindow:
-    """A window of the volume centred on one organ.
-
-    Attributes:
-        start: ``(d, h, w)`` first voxel of the window in the volume.
-        size: ``(d, h, w)`` extent taken from the volume (before padding).
-        image: ``(1, 1, D', H', W')`` the window, zero-padded at the end to the token multiple.
-        mask: same shape, only the organ's voxels kept, with their own label value.
-    """
-
-    organ_index: int
-    start: tuple[int, int, int]
-    size: tuple[int, int, int]
-    image: torch.Tensor
-    mask: torch.Tensor
-
-
-def _axis_window(lo: int, hi: int, n: int, roi: int) -> tuple[int, int]:
-    """Start and size of the window on one axis; ``lo``/``hi`` are the organ's inclusive bounds."""
-    size = max(roi, hi - lo)  # official: no +1, an organ longer than the ROI loses its last plane
-    if n <= size:
-        return 0, n
-    c = (lo + hi) // 2
-    return min(max(0, c - size // 2), n - size), size
+#: The statuses in code order: :func:`window_status` returns indices into this tuple.
+STATUSES: tuple[str, ...] = (Status.SCORED, Status.ABSENT, Status.BORDER, Status.INCOMPLETE)
 
 
 def pad_to_token_multiple(x: torch.Tensor) -> torch.Tensor:
@@ -60,57 +39,70 @@ def pad_to_token_multiple(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, pads) if any(pads) else x
 
 
-def organ_window(
-    image: torch.Tensor, mask: torch.Tensor, organ_index: int, roi: tuple[int, int, int]
-) -> OrganWindow | None:
-    """The official window for organ ``organ_index`` (label ``organ_index + 1``), or None if absent.
+def _label_counts(labels: torch.Tensor, num_organs: int) -> torch.Tensor:
+    """``(B, O + 1)`` voxel count of each label 0..O in each batch item of ``labels`` ``(B, ...)``."""
+    b = labels.shape[0]
+    offset = torch.arange(b, device=labels.device).view(b, *([1] * (labels.dim() - 1))) * (num_organs + 1)
+    flat = (labels.long() + offset).flatten()
+    return torch.bincount(flat, minlength=b * (num_organs + 1)).view(b, num_organs + 1)
+
+
+def _border_planes(mask: torch.Tensor) -> torch.Tensor:
+    """The voxels on the border planes (index 0, 1, n-2, n-1 of each spatial axis) of ``(B, D, H, W)``."""
+    parts = []
+    for axis in range(1, 4):
+        n = mask.shape[axis]
+        edge = sorted({i for i in (0, 1, n - 2, n - 1) if 0 <= i < n})
+        parts.append(mask.index_select(axis, torch.tensor(edge, device=mask.device)).flatten(1))
+    return torch.cat(parts, 1)
+
+
+def window_status(
+    mask: torch.Tensor,
+    num_organs: int,
+    *,
+    targets: Sequence[int | None] | None = None,
+    whole_sizes: Sequence[int | None] | None = None,
+    min_fraction: float = 0.0,
+) -> torch.Tensor:
+    """Whether each organ counts in each window, as codes into :data:`STATUSES`.
 
     Args:
-        image: ``(D, H, W)`` float preprocessed volume.
-        mask: ``(D, H, W)`` integer organ label map.
-        roi: the model's ROI ``(d, h, w)``.
+        mask: ``(B, D, H, W)`` or ``(B, 1, D, H, W)`` organ labels of the windows (organ ``o`` has
+            label ``o + 1``).
+        num_organs: the model's organ count O.
+        targets: per window, the organ it was cut for (only required to be present), or None.
+        whole_sizes: per organ, its voxel count in the whole volume, or None to skip the fraction rule.
+        min_fraction: the smallest fraction of a non-target organ that must lie in the window.
+
+    Returns:
+        ``(B, O)`` int64 on the CPU: 0 counts (``scored``), 1 ``organ_absent``,
+        2 ``touches_window_border``, 3 ``incomplete_in_window``.
     """
-    organ = mask == organ_index + 1
-    by_slice = organ.flatten(1).any(1)  # (D,) which slices hold the organ
-    if not bool(by_slice.any()):
-        return None
-    in_plane = organ.any(0)  # (H, W), so the H and W extents need no further pass over the volume
-    start, size = [], []
-    for axis, profile in enumerate((by_slice, in_plane.any(1), in_plane.any(0))):
-        idx = torch.nonzero(profile).flatten()
-        s, n = _axis_window(int(idx[0]), int(idx[-1]), mask.shape[axis], roi[axis])
-        start.append(s)
-        size.append(n)
-    sl = tuple(slice(s, s + n) for s, n in zip(start, size))
-    win_organ = organ[sl]
-    win_mask = torch.where(win_organ, mask[sl], torch.zeros((), dtype=mask.dtype, device=mask.device))
-    win_image = pad_to_token_multiple(image[sl][None, None])
-    win_mask = pad_to_token_multiple(win_mask[None, None])
-    return OrganWindow(organ_index, tuple(start), tuple(size), win_image, win_mask)
-
-
-def _touches_border(organ: torch.Tensor) -> bool:
-    """True when the organ has a voxel at index 0, 1, n-2 or n-1 of any axis."""
-    for axis in range(organ.dim()):
-        n = organ.shape[axis]
-        edge = [i for i in (0, 1, n - 2, n - 1) if 0 <= i < n]
-        if bool(organ.index_select(axis, torch.tensor(edge, device=organ.device)).any()):
-            return True
-    return False
+    mask = mask[:, 0] if mask.dim() == 5 else mask
+    counts = _label_counts(mask, num_organs)[:, 1:].cpu()
+    on_border = _label_counts(_border_planes(mask), num_organs)[:, 1:].cpu() > 0
+    codes = torch.zeros(counts.shape, dtype=torch.int64)
+    if whole_sizes is not None:
+        whole = torch.tensor([float("nan") if n is None else float(n) for n in whole_sizes], dtype=torch.float64)
+        codes[counts.double() / whole < min_fraction] = 3  # NaN (no size given) compares False
+    codes[on_border] = 2
+    if targets is not None:  # the window's own organ need only be present
+        for b, t in enumerate(targets):
+            if t is not None:
+                codes[b, t] = 0
+    codes[counts == 0] = 1
+    return codes
 
 
 def exclusion_reason(organ: torch.Tensor, whole_size: int | None, min_fraction: float) -> str | None:
-    """Why a non-target organ is not scored in a window (None when it is).
+    """Why one non-target organ is not scored in a window (None when it is): :func:`window_status`
+    for a single organ's voxels.
 
     Args:
         organ: ``(D, H, W)`` bool voxels of the organ in the padded window.
         whole_size: voxel count of the organ in the whole volume, or None to skip the fraction rule.
         min_fraction: the smallest fraction of the organ that must lie in the window.
     """
-    if not bool(organ.any()):
-        return Status.ABSENT
-    if _touches_border(organ):
-        return Status.BORDER
-    if whole_size is not None and int(organ.sum()) / whole_size < min_fraction:
-        return Status.INCOMPLETE
-    return None
+    code = int(window_status(organ[None].to(torch.uint8), 1, whole_sizes=[whole_size], min_fraction=min_fraction)[0, 0])
+    return None if code == 0 else STATUSES[code]

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visd.errors import ConfigError, InputError, did_you_mean
-from visd.training.distributed import gather_rows, is_distributed, rank_and_world_size
+from visd.training.distributed import gather_rows, rank_and_world_size
 
 __all__ = [
     "CodebookUsage",
@@ -405,7 +405,6 @@ def codebook_usage(
     codebook_size: int,
     ema_cluster_size: torch.Tensor | None = None,
     dead_threshold: float = 1.0,
-    sync: bool = False,
 ) -> CodebookUsage:
     """Codebook health statistics from the chosen code indices.
 
@@ -414,7 +413,6 @@ def codebook_usage(
         codebook_size: ``K``.
         ema_cluster_size: optional ``(K,)`` EMA cluster sizes; codes below ``dead_threshold`` count as dead.
         dead_threshold: default 1.0 (Jukebox's code-reset threshold).
-        sync: sum the histogram over all processes first (a collective: every process must call it).
     """
     if codes.dtype.is_floating_point or codes.dtype == torch.bool or codes.numel() == 0:
         raise InputError(
@@ -428,8 +426,6 @@ def codebook_usage(
             "Pass the codebook size the quantizer was built with."
         )
     counts = torch.bincount(codes.reshape(-1).long(), minlength=codebook_size)
-    if sync and is_distributed():
-        torch.distributed.all_reduce(counts)
     p = counts.double() / counts.sum()
     entropy = -torch.where(p > 0, p * p.log(), torch.zeros_like(p)).sum()
     dead = None

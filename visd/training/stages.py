@@ -31,8 +31,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from visd.models.model import ViSDModel
-from visd.models.normality import minmax_scale
 from visd.models.vision import organ_token_flags
+from visd.models.windows import window_status
 from visd.training.config import MODULE_GROUPS, StageConfig
 from visd.training.data import Batch
 from visd.training.distributed import rank_and_world_size
@@ -47,7 +47,6 @@ from visd.training.losses import (
 from visd.training.usage import (
     OrganUsage,
     alignment_counts,
-    crop_codes,
     disease_counts,
     normality_counts,
     reduce_usage,
@@ -147,22 +146,23 @@ def update_momentum(model: ViSDModel, momentum: ViSDModel, m: float) -> None:
 
 @torch.no_grad()
 def momentum_keys(model: ViSDModel, momentum: ViSDModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key embeddings ``(B, O, E)`` and validity ``(B, O)`` of view 2, with the online model's modes."""
+    """Key embeddings ``(B, O, E)`` and organ status codes ``(B, O)`` (CPU, see
+    :func:`visd.models.windows.window_status`) of view 2, with the online model's modes."""
     modes = dict(model.named_modules())
     for name, m in momentum.named_modules():
         if name in modes:
             m.train(modes[name].training)
     assert batch.image2 is not None and batch.mask2 is not None, "the disease objective needs two views"
     out = momentum(batch.image2, batch.mask2)
-    return out.organ_embeddings.detach(), out.organ_valid
+    return out.organ_embeddings.detach(), out.organ_status
 
 
 # -- the objectives ---------------------------------------------------------------------------------
 class StageObjective(nn.Module):
     """The loss of one stage as a module (the unit DDP wraps).
 
-    ``forward(batch, keys=None, key_valid=None)``: ``batch`` on the model's device; ``keys`` and
-    ``key_valid`` are :func:`momentum_keys` (disease objective only).
+    ``forward(batch, keys=None, key_status=None)``: ``batch`` on the model's device; ``keys`` and
+    ``key_status`` are :func:`momentum_keys` (disease objective only).
     """
 
     def __init__(self, model: ViSDModel, stage: StageConfig) -> None:
@@ -175,16 +175,16 @@ class StageObjective(nn.Module):
         return sum((p.reshape(-1)[:1].sum() for p in params), torch.zeros((), device=self.model.device)) * 0.0
 
     def forward(
-        self, batch: Batch, keys: torch.Tensor | None = None, key_valid: torch.Tensor | None = None
+        self, batch: Batch, keys: torch.Tensor | None = None, key_status: torch.Tensor | None = None
     ) -> StageLoss:
         if self.stage.objectives == ("normality",):
             out = self._normality(batch)
         else:
-            out = self._contrastive(batch, keys, key_valid)
+            out = self._contrastive(batch, keys, key_status)
         out.loss = out.loss + self._anchor()
         return out
 
-    def _contrastive(self, batch: Batch, keys: torch.Tensor | None, key_valid: torch.Tensor | None) -> StageLoss:
+    def _contrastive(self, batch: Batch, keys: torch.Tensor | None, key_status: torch.Tensor | None) -> StageLoss:
         model, stage = self.model, self.stage
         align = "alignment" in stage.objectives
         with torch.no_grad():
@@ -197,8 +197,7 @@ class StageObjective(nn.Module):
         )
         total = out.organ_embeddings.new_zeros(())
         metrics: dict[str, torch.Tensor] = {}
-        codes = crop_codes(batch.mask, len(model.organs))
-        assert torch.equal(codes == 0, out.organ_valid.cpu()), "the model's valid organs disagree with exclusion_reason"
+        codes = out.organ_status
         counts: dict[str, torch.Tensor] = {}
         if align:
             b, o = out.organ_embeddings.shape[:2]
@@ -210,19 +209,16 @@ class StageObjective(nn.Module):
             metrics["alignment"] = a.loss.detach().float()
             metrics["temperature"] = out.temperature.detach().float()
         if "disease" in stage.objectives:
-            if keys is None or key_valid is None:
+            if keys is None or key_status is None:
                 raise ValueError("the disease objective needs the momentum keys (visd.training.stages.momentum_keys)")
-            valid = out.organ_valid & key_valid
+            valid = out.organ_valid & (key_status == 0).to(out.organ_embeddings.device)
             d = disease_contrastive_loss(
                 out.organ_embeddings, keys.to(out.organ_embeddings.dtype), valid, batch.abnormal,
                 temperature=stage.disease_temperature,
             )
             total = total + stage.weight("disease") * d.loss
             metrics["disease"] = d.loss.detach().float()
-            assert batch.mask2 is not None
-            codes2 = crop_codes(batch.mask2, len(model.organs))
-            assert torch.equal(codes2 == 0, key_valid.cpu()), "the momentum keys' valid organs disagree with exclusion_reason"
-            counts["disease"] = disease_counts(codes, codes2)
+            counts["disease"] = disease_counts(codes, key_status)
         metrics["loss"] = total.detach().float()
         return StageLoss(total, metrics, reduce_usage(counts, out.organ_embeddings.device))
 
@@ -231,31 +227,28 @@ class StageObjective(nn.Module):
         normality = model.normality
         n_organs = len(model.organs)
         mask = batch.mask[:, 0]
-        with torch.no_grad():
-            levels = model.vision(batch.image)
-            flags = organ_token_flags(mask, n_organs)
-        codes = crop_codes(mask, n_organs)
+        codes = window_status(mask, n_organs)
         normal = (codes == 0) & ~batch.abnormal.cpu().bool()
-        items = [(b, o) for b in range(mask.shape[0]) for o in range(n_organs) if bool(normal[b, o])]
+        items = [(int(b), int(o)) for b, o in torch.nonzero(normal).tolist()]
         usage = reduce_usage({"normality": normality_counts(codes, batch.abnormal)}, mask.device)
         _, world = rank_and_world_size()
         n_global = usage.used("normality")
-        zero = levels[3].new_zeros(()).float()
+        zero = batch.image.new_zeros(()).float()
         if n_global == 0:  # the same decision on every process: no quantiser call, no codebook update
             return StageLoss(zero, {"loss": zero, "normality": zero}, usage)
-        scaled, encoded = [], []
-        for b, o in items:
-            s, _, _ = minmax_scale(levels[3][b][flags[3][b, o]].detach())
-            scaled.append(s)
-            encoded.append(normality.encode(s, o))
-        dim = normality.quantizer.embeddings.shape[1]
-        z = torch.cat(encoded) if encoded else levels[3].new_zeros((0, dim))
-        vq = normality.quantizer(z)  # one EMA update per step (train mode), summed over processes
-        quantized = vq.quantized.split([e.shape[0] for e in encoded]) if encoded else []
+        path = model._image_path
+        with torch.no_grad():  # the vision encoder is frozen in this stage
+            levels = path.levels(model.vision, batch.image)
+            flags = organ_token_flags(mask, n_organs)
+            tokens = [path.organ_tokens(model.vision, levels, flags, b, o).level4 for b, o in items]
+        # one quantiser call: one EMA update per step (train mode), summed over processes
+        outs = normality(tokens, [o for _, o in items], fused_attention=path.fused_attention)
         recon_sum, commit_sum = zero, zero
-        for s, e, q in zip(scaled, encoded, quantized):
-            decoded = normality.decoder(q[None])[0]
-            nl = normality_loss(decoded, s, e, q, data_variance=0.5, commitment_cost=normality.quantizer.commitment_cost)
+        for out in outs:
+            nl = normality_loss(
+                out.decoded, out.scaled_input, out.encoded, out.quantized,
+                data_variance=0.5, commitment_cost=normality.quantizer.commitment_cost,
+            )
             recon_sum = recon_sum + nl.reconstruction.float()
             commit_sum = commit_sum + nl.commitment.float()
         scale = world / n_global
@@ -266,7 +259,8 @@ class StageObjective(nn.Module):
             "reconstruction": (recon_sum * scale).detach(),
             "commitment": (commit_sum * scale).detach(),
         }
-        metrics.update(_codebook_metrics(normality.quantizer, vq.codes, world))
+        codes_used = torch.cat([out.codes for out in outs]) if outs else torch.zeros(0, dtype=torch.int64)
+        metrics.update(_codebook_metrics(normality.quantizer, codes_used, world))
         return StageLoss(loss, metrics, usage)
 
 

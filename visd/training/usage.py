@@ -1,8 +1,8 @@
 """Which organs each objective of a training step used, and why the others did not.
 
 The unit is one (scan, organ) pair of the **global** batch (all processes). Whether an organ counts
-in a crop is decided by :func:`visd.models.windows.exclusion_reason`, the rule the model's forward
-and inference use: an organ absent from the crop (``organ_absent``) or with a voxel on the crop
+in a crop is decided by :func:`visd.models.windows.window_status`, the rule of the model's forward
+and of inference (its codes, 0 counts, 1 absent, 2 border, are the "crop codes" here): an organ absent from the crop (``organ_absent``) or with a voxel on the crop
 border (``touches_window_border``) takes part in no objective. Each objective then adds its own:
 
 * ``alignment`` skips an organ with no abnormal case in the batch (``no_abnormal``) or whose targets
@@ -24,14 +24,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from visd.models.windows import Status, exclusion_reason
+from visd.models.windows import Status
 from visd.training.distributed import rank_and_world_size
 
 __all__ = [
     "OBJECTIVE_REASONS",
     "OrganUsage",
     "usage_columns",
-    "crop_codes",
     "alignment_counts",
     "disease_counts",
     "normality_counts",
@@ -45,34 +44,11 @@ OBJECTIVE_REASONS: dict[str, tuple[str, ...]] = {
     "normality": (Status.ABSENT, Status.BORDER, "abnormal"),
 }
 
-_CROP = (None, Status.ABSENT, Status.BORDER)  # crop codes 0, 1, 2
-
-
 def usage_columns() -> tuple[str, ...]:
     """``<objective>_organs`` (pairs used) and ``<objective>_<reason>`` for every objective and reason."""
     return tuple(
         c for obj, reasons in OBJECTIVE_REASONS.items() for c in (f"{obj}_organs", *(f"{obj}_{r}" for r in reasons))
     )
-
-
-def crop_codes(mask: torch.Tensor, n_organs: int) -> torch.Tensor:
-    """Whether each organ counts in each crop, by :func:`~visd.models.windows.exclusion_reason`.
-
-    Args:
-        mask: ``(B, D, H, W)`` or ``(B, 1, D, H, W)`` organ labels of the crops.
-        n_organs: the model's organ count (organ ``o`` has label ``o + 1``).
-
-    Returns:
-        ``(B, O)`` int64 on the CPU: 0 counts, 1 ``organ_absent``, 2 ``touches_window_border``.
-    """
-    mask = mask[:, 0] if mask.dim() == 5 else mask
-    codes = torch.zeros(mask.shape[0], n_organs, dtype=torch.int64)
-    for b in range(mask.shape[0]):
-        for o in range(n_organs):
-            reason = exclusion_reason(mask[b] == o + 1, None, 0.0)
-            if reason is not None:
-                codes[b, o] = _CROP.index(reason)
-    return codes
 
 
 def _crop_columns(codes: torch.Tensor, width: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The fast inference path equals the plain path up to float rounding."""
+"""The fused numerics equal the official operation order up to float rounding."""
 
 from __future__ import annotations
 
@@ -6,9 +6,14 @@ import pytest
 import torch
 
 from conftest import make_tiny_model, phantom_volume, tiny_config
-from visd.models import fast
-from visd.models.fast import _conv_bn, backbone_features, pool_organ, project
+from visd.inference import encode_volume, window_batches, zero_shot_classify
+from visd.models import fused as fast
+from visd.models.fused import FoldedBackbone, _conv_bn, fold_query, pool_organ, project
 from visd.models.pooling import OrganPooling
+
+
+def backbone_features(backbone, x, *, channels_last=False):
+    return FoldedBackbone(backbone)(x, channels_last=channels_last)
 
 
 def test_folded_conv_batchnorm(generator):
@@ -21,8 +26,10 @@ def test_folded_conv_batchnorm(generator):
         bn.bias.normal_(generator=generator)
         x = torch.randn(2, 3, 5, 6, 7, generator=generator)
         expected = bn(conv(x))
-        torch.testing.assert_close(_conv_bn(conv, bn, x), expected, rtol=1e-5, atol=1e-5)
-        cl = _conv_bn(conv, bn, x, fmt=torch.channels_last_3d)
+        folded = FoldedBackbone.__new__(FoldedBackbone)  # just the folding of one pair
+        folded._folded, folded._formatted = {id(conv): fast._fold(conv, bn)}, {}
+        torch.testing.assert_close(_conv_bn(folded, conv, x), expected, rtol=1e-5, atol=1e-5)
+        cl = _conv_bn(folded, conv, x, fmt=torch.channels_last_3d)
         assert cl.is_contiguous(memory_format=torch.channels_last_3d)
         torch.testing.assert_close(cl, expected, rtol=1e-5, atol=1e-5)
 
@@ -79,10 +86,14 @@ def test_pool_organ_matches_attend(generator):
         tokens = [project(p, f) for p, f in zip(projs, feats)]
         other = torch.cat(tokens)
         expected = pool.attend(torch.cat([other, roi]), torch.cat([other, normal]), 2)
-        projected = pool_organ(pool, [(other, None)], roi, normal, 2)
-        raw = pool_organ(pool, list(zip(feats, projs)), roi, normal, 2)
+        query = fold_query(pool, 2)
+        projected = pool_organ(pool, query, [(other, None)], roi, normal)
+        raw = pool_organ(pool, query, list(zip(feats, projs)), roi, normal)
     torch.testing.assert_close(projected, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(raw, expected, rtol=1e-5, atol=1e-6)
+    with torch.enable_grad():  # the differentiable torch form gives the same value
+        grad_form = pool_organ(pool, fold_query(pool, 2), list(zip(feats, projs)), roi, normal)
+    torch.testing.assert_close(grad_form.detach(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_project_equals_the_1x1x1_convolution(generator):
@@ -131,45 +142,75 @@ def test_stem_in_slabs_matches_the_whole_stem(monkeypatch, shape, rows_per_slab,
         expected = torch.nn.functional.max_pool3d(torch.relu(bb.bn1(conv)), 3, 2, 1)
         values_per_row = conv.shape[0] * conv.shape[1] * conv.shape[3] * conv.shape[4]
         monkeypatch.setattr(fast, "_STEM_SLAB_VALUES", 2 * values_per_row * rows_per_slab)
-        got = fast._stem(bb, x, fmt, in_place)
+        got = fast._stem(FoldedBackbone(bb), x, fmt, in_place)
     assert got.is_contiguous(memory_format=fmt)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_zero_shot_fast_equals_official_numerics():
+def test_zero_shot_fused_equals_official_numerics():
     model = make_tiny_model()
     image, mask = phantom_volume()
-    fast = model.zero_shot_classify(image, mask)
-    model.official_numerics = True
-    plain = model.zero_shot_classify(image, mask)
-    torch.testing.assert_close(fast.embeddings.embeddings, plain.embeddings.embeddings, rtol=0, atol=1e-5, equal_nan=True)
-    for a, b in zip(fast.scores, plain.scores):
+    assert model.numerics.mode == "fused"  # the default
+    fused = model.zero_shot_classify(image, mask)
+    model.set_numerics("official")
+    official = model.zero_shot_classify(image, mask)
+    assert not torch.equal(fused.embeddings.embeddings, official.embeddings.embeddings)  # two computations
+    torch.testing.assert_close(fused.embeddings.embeddings, official.embeddings.embeddings, rtol=0, atol=1e-5, equal_nan=True)
+    for a, b in zip(fused.scores, official.scores):
         assert a.status == b.status
         assert (a.probability != a.probability and b.probability != b.probability) or abs(a.probability - b.probability) < 1e-5
 
 
-def _probs(model, image, mask):
-    return torch.tensor([s.probability for s in model.zero_shot_classify(image, mask).scores])
+def _probs(model, image, mask, **options):
+    return torch.tensor([s.probability for s in zero_shot_classify(model, image, mask, **options).scores])
+
+
+def test_window_batches_group_equal_shapes():
+    windows = {"a": _W(), "b": _W(), "c": _W((1, 1, 32, 64, 96)), "d": _W()}
+    assert window_batches(windows, 4) == [["a", "b", "d"], ["c"]]
+    assert window_batches(windows, 2) == [["a", "b"], ["d"], ["c"]]
+    assert window_batches(windows, 1) == [["a"], ["b"], ["d"], ["c"]]
 
 
 def test_window_batching_and_channels_last_do_not_change_results():
     model = make_tiny_model()
     image, mask = phantom_volume(shape=(32, 64, 64))  # every organ window has the ROI shape
-    base = _probs(model, image, mask)
-    model.window_batch_size = 4
-    assert model._window_batches({"a": _W(), "b": _W(), "c": _W((1, 1, 32, 64, 96))}) == [["a", "b"], ["c"]]
-    torch.testing.assert_close(_probs(model, image, mask), base, rtol=0, atol=1e-6, equal_nan=True)
-    model.channels_last = True
-    torch.testing.assert_close(_probs(model, image, mask), base, rtol=0, atol=1e-5, equal_nan=True)
+    model.set_numerics("fused", channels_last=False)
+    base = _probs(model, image, mask, window_batch_size=1)
+    assert base.isfinite().sum() >= 2  # several organs scored, so batching has windows to group
+    torch.testing.assert_close(_probs(model, image, mask, window_batch_size=4), base, rtol=0, atol=1e-6, equal_nan=True)
+    model.set_numerics("fused", channels_last=True)
+    torch.testing.assert_close(_probs(model, image, mask, window_batch_size=4), base, rtol=0, atol=1e-5, equal_nan=True)
 
 
 def test_bf16_autocast_stays_close():
     model = make_tiny_model()
     image, mask = phantom_volume()
     base = _probs(model, image, mask)
-    model.autocast_dtype = torch.bfloat16
+    previous = model.set_numerics("fused", autocast=torch.bfloat16)
+    assert model.numerics.describe() == "fused-bf16"
     got = _probs(model, image, mask)
     torch.testing.assert_close(got, base, rtol=0, atol=2e-2, equal_nan=True)
+    model.set_numerics(previous)
+    assert model.numerics.describe() == "fused"
+
+
+def test_folding_is_done_once_and_redone_when_the_weights_change():
+    model = make_tiny_model()
+    image, mask = phantom_volume()
+    path = model._image_path
+    first = encode_volume(model, image, mask)
+    folded = path._backbone[1]
+    encode_volume(model, image, mask)
+    assert path._backbone[1] is folded  # the same folding served the second call
+    with torch.no_grad():
+        model.vision.backbone.bn1.running_mean.add_(0.5)  # an in-place change of a folded buffer
+    changed = encode_volume(model, image, mask)
+    assert path._backbone[1] is not folded
+    model.set_numerics("official")
+    official = encode_volume(model, image, mask)
+    torch.testing.assert_close(changed.embeddings, official.embeddings, rtol=0, atol=1e-5, equal_nan=True)
+    assert not torch.allclose(changed.embeddings.nan_to_num(), first.embeddings.nan_to_num(), atol=1e-4)
 
 
 class _W:

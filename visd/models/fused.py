@@ -1,11 +1,12 @@
-"""The fast inference path: the same function as the plain path, with less work and memory.
+"""The fused numerics: the same function as the official operation order, with less work and memory.
 
-Each saving is exact algebra; only float rounding differs (probabilities within 1e-5 of the plain
-path in ``tests/models/test_fast.py`` and on the real CT of ``tests/models/test_official.py``; see
-``docs/performance.md`` for a full-size volume, where the plain path's own float32 rounding is the
-limit):
+Each saving is exact algebra; only float rounding differs (probabilities within 1e-5 of the official
+order in ``tests/models/test_fused.py`` and on the real CT of ``tests/models/test_official.py``; see
+``docs/performance.md`` for a full-size volume, where the official order's own float32 rounding is
+the limit). :class:`visd.models.image_path.FusedPath` puts these pieces together.
 
-- BatchNorm folded into the preceding convolution (eval statistics), and the stem run in slabs along D,
+- BatchNorm folded into the preceding convolution (eval statistics) once, by :class:`FoldedBackbone`
+  (inference only: in train mode BatchNorm uses batch statistics), and the stem run in slabs along D,
   so the full-resolution stem output is never held whole;
 - conv1 (one input channel, stride 1 along D) run as a 2D convolution whose input channels are its
   7 depth taps, which oneDNN runs faster and which yields channels-last output;
@@ -21,11 +22,14 @@ limit):
   buffers and, on a CPU with oneDNN, the convolutions write into reused zeroed tensors or add
   themselves to the residual in place (oneDNN's sum post-op, the ReLU fused).
 
-The normality model's attention runs through ``scaled_dot_product_attention`` on this path
-(:class:`visd.models.normality.NormalityModel`, ``fused_attention``).
+The normality model's attention runs through ``scaled_dot_product_attention`` with these numerics
+(:class:`visd.models.normality.NormalityModel`, ``fused_attention``). With gradients (training), the
+pooling runs in plain differentiable torch (:func:`pool_organ`), the backbone as the module.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +38,7 @@ from visd.kernels import segment_softmax_pool
 from visd.models.pooling import OrganPooling
 from visd.models.vision import ResNet3d
 
-__all__ = ["backbone_features", "organ_features", "pool_organ", "project"]
+__all__ = ["FoldedBackbone", "FoldedQuery", "fold_query", "organ_features", "pool_organ", "project"]
 
 
 def _fold(conv: torch.nn.Conv3d, bn: torch.nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,10 +50,10 @@ def _fold(conv: torch.nn.Conv3d, bn: torch.nn.BatchNorm3d) -> tuple[torch.Tensor
     return conv.weight * scale.view(-1, 1, 1, 1, 1), bias
 
 
-def _conv_bn(conv: torch.nn.Conv3d, bn: torch.nn.BatchNorm3d, x: torch.Tensor, fmt=torch.contiguous_format) -> torch.Tensor:
-    """``bn(conv(x))`` as one convolution whose output has memory format ``fmt``."""
-    w, b = _fold(conv, bn)
-    x, w = x.contiguous(memory_format=fmt), w.contiguous(memory_format=fmt)
+def _conv_bn(folded: "FoldedBackbone", conv: torch.nn.Conv3d, x: torch.Tensor, fmt=torch.contiguous_format) -> torch.Tensor:
+    """``bn(conv(x))`` as one convolution (folded weights) whose output has memory format ``fmt``."""
+    w, b = folded.weights(conv, fmt)
+    x = x.contiguous(memory_format=fmt)
     return F.conv3d(x, w.to(x.dtype), b.to(x.dtype), conv.stride, conv.padding, conv.dilation)
 
 
@@ -182,7 +186,7 @@ def _slab_buffer(shape: tuple[int, ...], like: torch.Tensor, fmt: torch.memory_f
     return lambda n: storage.narrow(dim, 0, n)
 
 
-def _stem(backbone: ResNet3d, x: torch.Tensor, fmt=torch.contiguous_format, in_place: bool = False) -> torch.Tensor:
+def _stem(folded: "FoldedBackbone", x: torch.Tensor, fmt=torch.contiguous_format, in_place: bool = False) -> torch.Tensor:
     """conv1 -> BatchNorm -> max pool -> ReLU (ReLU commutes with max), in slabs along D so the
     full-resolution conv1 output (the largest activation of the network) is never held whole.
 
@@ -191,11 +195,11 @@ def _stem(backbone: ResNet3d, x: torch.Tensor, fmt=torch.contiguous_format, in_p
     has memory format ``fmt``. Every slab reuses the memory of the first; ``in_place`` lets conv1
     write into it too (see :func:`_conv_add_`).
     """
-    conv = backbone.conv1
+    conv = folded.backbone.conv1
     kd, pd = conv.kernel_size[0], conv.padding[0]
     if conv.stride[0] != 1 or kd != 2 * pd + 1 or x.device.type != "cpu":
-        return F.max_pool3d(_conv_bn(conv, backbone.bn1, x, fmt=fmt), 3, 2, 1).relu_().contiguous(memory_format=fmt)
-    weight, bias = _fold(conv, backbone.bn1)
+        return F.max_pool3d(_conv_bn(folded, conv, x, fmt=fmt), 3, 2, 1).relu_().contiguous(memory_format=fmt)
+    weight, bias = folded.weights(conv, torch.contiguous_format)
     n = x.shape[2]
     h, w = _out_size(conv, x.shape[2:])[1:]
     out_d, out_h, out_w = (n - 1) // 2 + 1, (h - 1) // 2 + 1, (w - 1) // 2 + 1
@@ -222,14 +226,14 @@ def _stem(backbone: ResNet3d, x: torch.Tensor, fmt=torch.contiguous_format, in_p
     return out
 
 
-def _block(block, x: torch.Tensor, fmt, pool: dict | None = None, x_is_free: bool = False) -> torch.Tensor:
+def _block(folded: "FoldedBackbone", block, x: torch.Tensor, fmt, pool: dict | None = None, x_is_free: bool = False) -> torch.Tensor:
     """One residual block. With a ``pool`` (channels-last float32 on a CPU), the first convolution
     writes into reused memory and the second adds itself to the residual in place, with the ReLU
     fused; ``x_is_free`` says ``x`` may be overwritten when it is the residual."""
     if pool is None:
         residual = x if block.shortcut is None else block.shortcut(x).contiguous(memory_format=fmt)
-        out = _conv_bn(block.conv1, block.bn1, x, fmt=fmt).relu_()
-        out = _conv_bn(block.conv2, block.bn2, out, fmt=fmt)
+        out = _conv_bn(folded, block.conv1, x, fmt=fmt).relu_()
+        out = _conv_bn(folded, block.conv2, out, fmt=fmt)
         return out.add_(residual).relu_()
     if block.shortcut is not None:
         residual = block.shortcut(x).contiguous(memory_format=fmt)
@@ -237,33 +241,57 @@ def _block(block, x: torch.Tensor, fmt, pool: dict | None = None, x_is_free: boo
         residual = x.contiguous(memory_format=fmt) if x_is_free else x.clone(memory_format=fmt)
     x = x.contiguous(memory_format=fmt)
     out = _zeroed(pool, (x.shape[0], block.conv1.out_channels, *_out_size(block.conv1, x.shape[2:])), x, fmt)
-    for conv, bn, target in ((block.conv1, block.bn1, out), (block.conv2, block.bn2, residual)):
-        w, b = _fold(conv, bn)
-        _conv_add_(target, x, w.contiguous(memory_format=fmt), b, conv, relu=True)
+    for conv, target in ((block.conv1, out), (block.conv2, residual)):
+        w, b = folded.weights(conv, fmt)
+        _conv_add_(target, x, w, b, conv, relu=True)
         x = target
     return residual
 
 
-@torch.no_grad()
-def backbone_features(backbone: ResNet3d, image: torch.Tensor, *, channels_last: bool = False) -> list[torch.Tensor]:
-    """The four stage outputs of ``backbone`` in eval mode, without gradients.
+class FoldedBackbone:
+    """A :class:`ResNet3d`'s eval-mode computation with every BatchNorm folded into its convolution.
 
-    Args:
-        image: ``(B, C, D, H, W)``.
-        channels_last: run the residual stages in the channels-last 3D memory format.
+    The folding is done once, at construction (:class:`visd.models.image_path.FusedPath` rebuilds
+    it when the weights change); calling it gives the four stage outputs without gradients.
     """
-    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-    # reused memory for the convolutions' outputs (see _zeroed), where oneDNN can write into it;
-    # one pool per stage, freed with it
-    reuse = channels_last and _accumulates(image)
-    x = _stem(backbone, image, fmt, in_place=reuse)
-    feats = []
-    for name in ("layer1", "layer2", "layer3", "layer4"):
-        pool = {} if reuse else None
-        for i, block in enumerate(getattr(backbone, name)):
-            x = _block(block, x, fmt, pool, x_is_free=i > 0 or not feats)  # stage outputs are kept
-        feats.append(x)
-    return feats
+
+    def __init__(self, backbone: ResNet3d) -> None:
+        self.backbone = backbone
+        pairs = [(backbone.conv1, backbone.bn1)]
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            for block in getattr(backbone, name):
+                pairs += [(block.conv1, block.bn1), (block.conv2, block.bn2)]
+        with torch.no_grad():
+            self._folded = {id(conv): _fold(conv, bn) for conv, bn in pairs}
+        self._formatted: dict[tuple[int, torch.memory_format], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def weights(self, conv: torch.nn.Conv3d, fmt: torch.memory_format) -> tuple[torch.Tensor, torch.Tensor]:
+        """The folded weight (in memory format ``fmt``) and bias of ``conv`` and its BatchNorm."""
+        key = (id(conv), fmt)
+        if key not in self._formatted:
+            w, b = self._folded[id(conv)]
+            self._formatted[key] = (w.contiguous(memory_format=fmt), b)
+        return self._formatted[key]
+
+    @torch.no_grad()
+    def __call__(self, image: torch.Tensor, *, channels_last: bool = False) -> list[torch.Tensor]:
+        """The four stage outputs for ``image`` ``(B, C, D, H, W)``.
+
+        Args:
+            channels_last: run the residual stages in the channels-last 3D memory format.
+        """
+        fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+        # reused memory for the convolutions' outputs (see _zeroed), where oneDNN can write into it;
+        # one pool per stage, freed with it
+        reuse = channels_last and _accumulates(image)
+        x = _stem(self, image, fmt, in_place=reuse)
+        feats = []
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            pool = {} if reuse else None
+            for i, block in enumerate(getattr(self.backbone, name)):
+                x = _block(self, block, x, fmt, pool, x_is_free=i > 0 or not feats)  # stage outputs are kept
+            feats.append(x)
+        return feats
 
 
 def organ_features(feats: list[torch.Tensor], flags: list[torch.Tensor], b: int, o: int) -> list[torch.Tensor]:
@@ -283,67 +311,110 @@ def project(proj: torch.nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
 SharedPart = tuple[torch.Tensor, "torch.nn.Conv3d | None"]
 
 
+@dataclass(frozen=True)
+class FoldedQuery:
+    """One organ's pooling weights, folded for :func:`pool_organ`.
+
+    Attributes:
+        u: ``(H, 2E)`` per head, the score vector of a hybrid token ``[t ; r]`` (the key projection
+            moved onto the query: ``score_h = scale * h_fused . (Wk_h^T q_h)``, ``h_fused = A [t ; r] + c``).
+        fusion: ``(E, 2E)`` the folded fusion ``A = W2 W1``; ``bias`` ``(E,)`` its ``c = W2 b1 + b2``.
+        shared: ``(E, E)`` the fusion of a token whose halves are equal: ``A_l + A_r``.
+    """
+
+    u: torch.Tensor
+    fusion: torch.Tensor
+    bias: torch.Tensor
+    shared: torch.Tensor
+
+
+def fold_query(pooling: OrganPooling, o: int) -> FoldedQuery:
+    """Organ ``o``'s :class:`FoldedQuery` (differentiable in the pooling's weights)."""
+    mha = pooling.attention
+    e, h = mha.embed_dim, mha.num_heads
+    w1, b1 = pooling.fuse1[o].weight, pooling.fuse1[o].bias
+    w2, b2 = pooling.fuse2[o].weight, pooling.fuse2[o].bias
+    a = w2 @ w1
+    wq, wk, _ = mha.in_proj_weight.chunk(3)
+    bq = mha.in_proj_bias.chunk(3)[0]
+    q = (wq @ pooling.query_tokens[o] + bq).view(h, e // h)
+    kq = torch.einsum("hd,hde->he", q, wk.view(h, e // h, e))  # Wk_h^T q_h
+    return FoldedQuery(kq @ a, a, w2 @ b1 + b2, a[:, :e] + a[:, e:])
+
+
 def pool_organ(
     pooling: OrganPooling,
+    query: FoldedQuery,
     shared: list[SharedPart],
-    roi: torch.Tensor,
-    normal_roi: torch.Tensor,
-    o: int,
-    *,
-    backend: str = "auto",
+    level4: torch.Tensor,
+    normal4: torch.Tensor,
 ) -> torch.Tensor:
-    """The attention output ``(E,)`` of :meth:`OrganPooling.attend`, in O(n C).
+    """The attention output ``(E,)`` of :meth:`OrganPooling.attend` for one organ, in O(n C).
 
     Args:
-        shared: the non-level-4 tokens, whose two hybrid halves are equal, as parts ``(x, proj)``:
+        query: the organ's :func:`fold_query`.
+        shared: the level 1-3 tokens, whose two hybrid halves are equal, as parts ``(x, proj)``:
             ``x`` ``(n, C)`` backbone features with the 1x1x1 ``proj`` that makes them tokens, or
             already projected tokens ``(n, E)`` with ``proj=None``. Scores and means are taken in the
             ``C``-wide feature space, so the tokens are never projected.
-        roi, normal_roi: ``(n4, E)`` the level-4 tokens and their normal reconstruction.
+        level4, normal4: ``(n4, E)`` the level-4 tokens and their normal reconstruction.
+
+    Without gradients the token sums run in :func:`visd.kernels.segment_softmax_pool` (float64 row
+    sums); with gradients in plain differentiable torch.
     """
     mha = pooling.attention
     e, h = mha.embed_dim, mha.num_heads
     dh = e // h
     scale = dh**-0.5
-    w1, b1 = pooling.fuse1[o].weight, pooling.fuse1[o].bias
-    w2, b2 = pooling.fuse2[o].weight, pooling.fuse2[o].bias
-    a = w2 @ w1  # (E, 2E): the folded fusion
-    c = w2 @ b1 + b2
-    a_shared = a[:, :e] + a[:, e:]  # [t ; t] -> (A_l + A_r) t
-    wq, wk, wv = mha.in_proj_weight.chunk(3)
-    bq, _, bv = mha.in_proj_bias.chunk(3)
-    q = (wq @ pooling.query_tokens[o] + bq).view(h, dh)
-    kq = torch.einsum("hd,hde->he", q, wk.view(h, dh, e))  # Wk_h^T q_h: score = fused . kq_h
-    u = kq @ a  # (H, 2E)
-    u_shared = kq @ a_shared  # (H, E)
+    pool_part = _pool_part_autograd if torch.is_grad_enabled() else _pool_part_kernel
+    u_shared = query.u[:, :e] + query.u[:, e:]  # [t ; t] -> (A_l + A_r) t
     lses, means = [], []  # per part: (H,) log-sum-exp of its logits, (H, E) its mean fused token (minus c)
     for x, proj in shared:
         if proj is None:
-            w_in, offset, to_tokens = u_shared, 0.0, lambda m: m
+            lse, mean_x, _ = pool_part(x, None, u_shared, None, scale)
+            lses.append(lse)
+            means.append(mean_x @ query.shared.t())
         else:
             p = proj.weight.view(proj.out_channels, proj.in_channels)
-            w_in, offset = u_shared @ p, (u_shared @ proj.bias) * scale
-            to_tokens = lambda m, p=p, bias=proj.bias: m @ p.t() + bias  # noqa: E731
-        out = _pool_one(x, None, w_in, None, scale, backend)
-        lses.append(out.lse[0] + offset)
-        means.append(to_tokens(out.pooled_a[0]) @ a_shared.t())
-    out = _pool_one(roi, normal_roi, u[:, :e], u[:, e:], scale, backend)
-    lses.append(out.lse[0])
-    means.append(out.pooled_a[0] @ a[:, :e].t() + out.pooled_b[0] @ a[:, e:].t())
+            lse, mean_x, _ = pool_part(x, None, u_shared @ p, None, scale)
+            lses.append(lse + (u_shared @ proj.bias) * scale)
+            means.append((mean_x @ p.t() + proj.bias) @ query.shared.t())
+    lse, mean_a, mean_b = pool_part(level4, normal4, query.u[:, :e], query.u[:, e:], scale)
+    lses.append(lse)
+    means.append(mean_a @ query.fusion[:, :e].t() + mean_b @ query.fusion[:, e:].t())
     weights = torch.softmax(torch.stack(lses), dim=0)  # (parts, H)
-    fused_mean = (weights[..., None] * torch.stack(means)).sum(0) + c  # (H, E)
+    fused_mean = (weights[..., None] * torch.stack(means)).sum(0) + query.bias  # (H, E)
+    wv = mha.in_proj_weight.chunk(3)[2]
+    bv = mha.in_proj_bias.chunk(3)[2]
     values = torch.einsum("hde,he->hd", wv.view(h, dh, e), fused_mean) + bv.view(h, dh)
     return mha.out_proj(values.reshape(e))
 
 
-def _pool_one(x_a, x_b, u_a, u_b, scale, backend):
+def _pool_part_kernel(x_a, x_b, u_a, u_b, scale):
+    """``(lse (H,), mean of x_a (H, C_a), mean of x_b or None)`` by the segment pooling kernel, in
+    the widest dtype of the inputs (under autocast they may differ)."""
+    dtype = x_a.dtype
+    for t in (x_b, u_a, u_b):
+        dtype = dtype if t is None else torch.promote_types(dtype, t.dtype)
+    x_a, u_a = x_a.to(dtype), u_a.to(dtype)
+    x_b, u_b = (None, None) if x_b is None else (x_b.to(dtype), u_b.to(dtype))
     offsets = torch.tensor([0, x_a.shape[0]], device=x_a.device)
-    return segment_softmax_pool(
+    out = segment_softmax_pool(
         x_a.contiguous() if x_a.stride(-1) != 1 else x_a,
         x_b,
         offsets,
         u_a[None].contiguous(),
         None if u_b is None else u_b[None].contiguous(),
         scale,
-        backend=backend,
     )
+    return out.lse[0].to(x_a.dtype), out.pooled_a[0], None if x_b is None else out.pooled_b[0]
+
+
+def _pool_part_autograd(x_a, x_b, u_a, u_b, scale):
+    """:func:`_pool_part_kernel` in plain torch, differentiable in every input (the lse included)."""
+    logits = (x_a @ u_a.t()) * scale  # (n, H)
+    if x_b is not None:
+        logits = logits + (x_b @ u_b.t()) * scale
+    lse = torch.logsumexp(logits, dim=0)
+    p = torch.exp(logits - lse)
+    return lse, p.t() @ x_a, None if x_b is None else p.t() @ x_b

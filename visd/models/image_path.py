@@ -1,0 +1,143 @@
+"""The two algebras of the image path behind one interface, chosen by :class:`~visd.models.numerics.Numerics`.
+
+Both compute the same function from the same weights:
+
+* :class:`OfficialPath`, the authors' operation order: every token projected, the hybrid tokens
+  materialised and fused, the organ query attending over them with ``nn.MultiheadAttention``;
+* :class:`FusedPath`, exact algebra with less work (:mod:`visd.models.fused`): BatchNorm folded and
+  the backbone run with reused memory (inference), organ tokens gathered from the backbone maps and
+  projected only where needed, the fusion folded and the single-query attention in O(n d).
+
+Each path gives the window's level features (:meth:`levels`), one organ's tokens
+(:meth:`organ_tokens`) and its attention output (:meth:`attend`); :class:`visd.ViSDModel` runs the
+per-organ computation on top of them, the same for inference and training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from visd.models.fused import FoldedBackbone, FoldedQuery, SharedPart, fold_query, organ_features, pool_organ, project
+from visd.models.numerics import Numerics
+from visd.models.pooling import OrganPooling
+from visd.models.vision import VisionEncoder
+
+__all__ = ["FusedPath", "ImagePath", "OfficialPath", "OrganTokens", "image_path"]
+
+
+@dataclass
+class OrganTokens:
+    """One organ's tokens in one window.
+
+    Attributes:
+        shared: the level 1-3 tokens (whose two hybrid halves are equal) as parts ``(x, proj)``:
+            ``x`` backbone features ``(n, C)`` with the 1x1x1 ``proj`` that makes them tokens, or
+            already projected tokens ``(n, E)`` with ``proj=None``.
+        level4: ``(n4, E)`` the level-4 tokens, the normality model's input.
+    """
+
+    shared: list[SharedPart]
+    level4: torch.Tensor
+
+
+class ImagePath:
+    """The interface (see the module docstring)."""
+
+    #: run the normality model's attention through ``scaled_dot_product_attention``
+    fused_attention = False
+
+    def __init__(self, numerics: Numerics) -> None:
+        self.numerics = numerics
+
+    def levels(self, vision: VisionEncoder, images: torch.Tensor) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def organ_tokens(self, vision: VisionEncoder, levels, flags, b: int, o: int) -> OrganTokens:
+        raise NotImplementedError
+
+    def attend(self, pooling: OrganPooling, tokens: OrganTokens, normal4: torch.Tensor, o: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class OfficialPath(ImagePath):
+    """The authors' operation order; levels are projected tokens ``(B, L_k, E)``."""
+
+    def levels(self, vision, images):
+        return vision(images)
+
+    def organ_tokens(self, vision, levels, flags, b, o):
+        keys = [lv[b][fl[b, o]] for lv, fl in zip(levels, flags)]
+        return OrganTokens([(torch.cat(keys[:3], 0), None)], keys[3])
+
+    def attend(self, pooling, tokens, normal4, o):
+        other = tokens.shared[0][0]
+        return pooling.attend(torch.cat([other, tokens.level4], 0), torch.cat([other, normal4], 0), o)
+
+
+def _fingerprint(*modules: nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer of ``modules`` is replaced or modified in place."""
+    tensors = itertools.chain.from_iterable(itertools.chain(m.parameters(), m.buffers()) for m in modules)
+    return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+
+
+class FusedPath(ImagePath):
+    """Exact algebra with less work; levels are backbone maps ``(B, C_k, d, h, w)``.
+
+    Without gradients and in eval mode the backbone runs folded (:class:`FoldedBackbone`) and the
+    organs' folded queries are kept; both are rebuilt when the weights change. With gradients or
+    in train mode the backbone runs as the module (BatchNorm batch statistics) and the queries are
+    folded on every call, so autograd sees them.
+    """
+
+    fused_attention = True
+
+    def __init__(self, numerics: Numerics) -> None:
+        super().__init__(numerics)
+        self._backbone: tuple[tuple, FoldedBackbone] | None = None
+        self._queries: tuple[tuple, dict[int, FoldedQuery]] | None = None
+
+    def _autocast(self, device: torch.device):
+        if self.numerics.autocast is None:  # never switch off an autocast the caller entered (training)
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.numerics.autocast)
+
+    def levels(self, vision, images):
+        dtype = images.dtype
+        with self._autocast(images.device):
+            if torch.is_grad_enabled() or vision.training:
+                feats = vision.backbone(images)
+                return [f.to(dtype) for f in feats] if self.numerics.autocast is not None else feats
+            key = _fingerprint(vision.backbone)
+            if self._backbone is None or self._backbone[0] != key:
+                self._backbone = (key, FoldedBackbone(vision.backbone))
+            feats = self._backbone[1](images, channels_last=self.numerics.channels_last)
+        return [f.to(dtype) for f in feats]
+
+    def organ_tokens(self, vision, levels, flags, b, o):
+        feats = organ_features(levels, flags, b, o)
+        projs = vision.projections()
+        return OrganTokens(list(zip(feats[:3], projs[:3])), project(projs[3], feats[3]))
+
+    def attend(self, pooling, tokens, normal4, o):
+        return pool_organ(pooling, self._query(pooling, o), tokens.shared, tokens.level4, normal4)
+
+    def _query(self, pooling: OrganPooling, o: int) -> FoldedQuery:
+        if torch.is_grad_enabled():
+            return fold_query(pooling, o)
+        key = _fingerprint(pooling)
+        if self._queries is None or self._queries[0] != key:
+            self._queries = (key, {})
+        cache = self._queries[1]
+        if o not in cache:
+            cache[o] = fold_query(pooling, o)
+        return cache[o]
+
+
+def image_path(numerics: Numerics) -> ImagePath:
+    """The path for ``numerics``."""
+    return OfficialPath(numerics) if numerics.mode == "official" else FusedPath(numerics)
