@@ -204,7 +204,9 @@ def from_pretrained(
 
     from visd.models.text import load_tokenizer
 
-    folder = resolve_source(model_cls, source, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    folder = resolve_source(
+        model_cls, source, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
+    )
     if not (folder / CONFIG_NAME).is_file():
         raise WeightsNotFoundError(f"{folder} has no {CONFIG_NAME}: not a visd model folder (see save_pretrained)")
     if not (folder / WEIGHTS_NAME).is_file():

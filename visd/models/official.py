@@ -30,7 +30,12 @@ import torch
 from visd.config import TextConfig, ViSDConfig
 from visd.errors import CheckpointMismatchError, ConfigError, WeightsNotFoundError
 
-__all__ = ["convert_official_release", "convert_official_state_dict", "read_official_checkpoints", "text_config_from_bert"]
+__all__ = [
+    "convert_official_release",
+    "convert_official_state_dict",
+    "read_official_checkpoints",
+    "text_config_from_bert",
+]
 
 logger = logging.getLogger(__name__)
 
