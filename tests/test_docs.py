@@ -15,6 +15,13 @@ from conftest import DATA, OFFICIAL, make_tiny_model, save_in_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
+TESTS = ROOT / "tests"
+
+#: docs whose python blocks no test runs, and why; each must still have python blocks and stay unrun
+NOT_RUN = {
+    "kernels.md": "a call sketch with undefined inputs and a CUDA/Triton benchmark (never run by tests); "
+                  "the kernels are checked against visd/kernels/reference.py in tests/kernels",
+}
 
 
 def python_blocks(name: str, folder: Path = DOCS) -> list[str]:
@@ -49,8 +56,20 @@ def official_in_cache(tmp_path, monkeypatch):
 
 
 def _same_weights(a, b) -> bool:
+    """Same keys, each tensor equal; two modules without weights are not 'the same model'."""
     sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    return bool(sa) and sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_same_weights_can_say_no():
+    model = make_tiny_model(seed=5)
+    assert _same_weights(model, make_tiny_model(seed=5))  # the seed fixes every weight
+    assert not _same_weights(model, make_tiny_model(seed=6))
+    assert not _same_weights(torch.nn.Module(), torch.nn.Module())  # empty state dicts prove nothing
+    nudged = make_tiny_model(seed=5)
+    with torch.no_grad():
+        next(nudged.parameters()).view(-1)[0] += 1e-3  # one element of one tensor
+    assert not _same_weights(model, nudged)
 
 
 def _scan_files(folder: Path) -> None:
@@ -94,9 +113,51 @@ def test_performance_options(tmp_path, official_in_cache):
     assert ns["model"].window_batch_size == 4 and ns["model"].channels_last
 
 
-@pytest.mark.parametrize("name", ["quickstart.md", "official_release.md", "performance.md"])
-def test_docs_have_examples(name):
-    assert all("import" in b or "model" in b for b in python_blocks(name))
+def docs_with_python(root: Path = ROOT) -> set[str]:
+    """File names of ``README.md`` and ``docs/*.md`` under ``root`` that hold a ```python block."""
+    paths = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    return {p.name for p in paths if p.is_file() and "```python" in p.read_text()}
+
+
+def docs_run_by_tests(tests: Path = TESTS) -> set[str]:
+    """Doc file names whose python blocks some test module runs.
+
+    A module runs a doc when it calls ``run_blocks("name.md", ...)`` (which runs every block), or when
+    it executes code (``exec(``) and names the doc as a string (``"name.md"`` or ``".../name.md"``), as
+    the subpackage doc tests do (this module counts by its ``run_blocks`` calls only). Names alone, as
+    in the model-card tests' ``"README.md"``, do not count.
+    """
+    run: set[str] = set()
+    for path in tests.rglob("*.py"):
+        text = path.read_text()
+        run.update(re.findall(r'run_blocks\(\s*"([\w.-]+\.md)"', text))
+        if "exec(" in text and path.resolve() != Path(__file__).resolve():  # here: run_blocks only (NOT_RUN names docs)
+            run.update(re.findall(r'["/]([\w.-]+\.md)"', text))
+    return run
+
+
+def test_the_doc_scan_finds_an_unrun_example(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "README.md").write_text("```python\nimport visd\n```\n")
+    (tmp_path / "docs" / "run.md").write_text("```python\nx = 1\n```\n")
+    (tmp_path / "docs" / "unrun.md").write_text("text, then\n```python\nx = 2\n```\n")
+    (tmp_path / "docs" / "prose.md").write_text("```bash\nvisd demo\n```\n")
+    (tmp_path / "tests" / "test_a.py").write_text('run_blocks("README.md", tmp_path, ROOT)\n')
+    (tmp_path / "tests" / "test_b.py").write_text('DOC = ROOT / "docs" / "run.md"\nexec(code)\n')
+    (tmp_path / "tests" / "test_c.py").write_text('card = folder / "unrun.md"  # named, nothing executed\n')
+    assert docs_with_python(tmp_path) == {"README.md", "run.md", "unrun.md"}
+    assert docs_with_python(tmp_path) - docs_run_by_tests(tmp_path / "tests") == {"unrun.md"}
+
+
+def test_docs_have_examples():
+    """Every doc with a python example has a test that runs it (or a stated reason in NOT_RUN)."""
+    with_python, run = docs_with_python(), docs_run_by_tests()
+    assert {"README.md", "quickstart.md", "official_release.md", "performance.md"} <= with_python & run
+    unrun = sorted(with_python - run - NOT_RUN.keys())
+    assert not unrun, f"python examples that no test runs: {unrun}; run them (run_blocks) or add them to NOT_RUN"
+    stale = sorted((NOT_RUN.keys() & run) | (NOT_RUN.keys() - with_python))
+    assert not stale, f"NOT_RUN lists docs that are run by a test or hold no python block: {stale}"
 
 
 def test_no_undefined_model_names_in_the_docs():

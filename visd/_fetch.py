@@ -5,6 +5,8 @@ The text-encoder files come through ``hf_hub_download``; the release files throu
 and is renamed into place, with the completion marker written last, only when it succeeded. Anything
 that cannot be fetched raises one :class:`~visd.errors.WeightsNotFoundError` naming the files, their
 sizes and the manual route.
+
+The model class is handed in (:func:`convert_release`), never imported: see :mod:`visd.pretrained`.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import tempfile
 from pathlib import Path
 
 from visd._io import atomic_write_text
+from visd._release import MARKER_NAME, MIRROR_ENV, PretrainedEntry, release_url
 from visd.errors import WeightsNotFoundError
-from visd.pretrained import MARKER_NAME, MIRROR_ENV, PretrainedEntry, release_url
 
 __all__ = ["convert_release", "fetch_release", "fetch_text_encoder"]
 
@@ -105,14 +107,15 @@ def _model_card_source(entry: PretrainedEntry) -> str:
     )
 
 
-def convert_release(entry: PretrainedEntry, checkpoints: list[Path], text_encoder: Path, final: Path) -> None:
-    """Convert into a temporary folder beside ``final``, mark it complete, rename it into place."""
-    from visd.models.model import ViSDModel
-
+def convert_release(
+    model_cls: type, entry: PretrainedEntry, checkpoints: list[Path], text_encoder: Path, final: Path
+) -> None:
+    """Convert with ``model_cls.from_official`` (a strict load) into a temporary folder beside ``final``,
+    mark it complete, rename it into place."""
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{entry.name}.tmp-"))
     try:
         logger.info("converting %s into %s", ", ".join(map(str, checkpoints)), final)
-        model = ViSDModel.from_official(checkpoints, text_encoder, config=entry.model_config(text_encoder))
+        model = model_cls.from_official(checkpoints, text_encoder, config=entry.model_config(text_encoder))
         model.save_pretrained(tmp)
         card = tmp / "README.md"
         atomic_write_text(card, (card.read_text() if card.exists() else "") + _model_card_source(entry))

@@ -8,8 +8,9 @@ Training settings live elsewhere (:mod:`visd.training`).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 from pydantic import (
     BaseModel,
@@ -20,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from visd.errors import ConfigError
+from visd.errors import ConfigError, InputError, did_you_mean
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -29,6 +30,8 @@ __all__ = [
     "TextConfig",
     "PreprocessConfig",
     "FindingSpec",
+    "FindingLike",
+    "as_findings",
     "ViSDConfig",
 ]
 
@@ -153,6 +156,105 @@ class FindingSpec(_Config):
             raise ValueError(f"finding {self.name!r} needs at least one negative and one positive prompt")
         return self
 
+
+# -- findings given in Python: coerced into FindingSpec ---------------------------------------------
+#: A finding as accepted by :func:`as_findings`: a spec, a dict or an ``(organ, name, negative, positive)`` tuple.
+FindingLike = Union[FindingSpec, Mapping[str, Any], Sequence[Any]]
+
+_KEYS = ("organ", "name", "negative", "positive")
+
+
+def as_findings(
+    findings: Sequence[FindingLike], organs: Sequence[str] | None = None, source: str = "findings"
+) -> list[FindingSpec]:
+    """Validate findings given in Python and return them as :class:`~visd.config.FindingSpec` s.
+
+    Args:
+        findings: ``FindingSpec`` s, dicts with keys ``organ, name, negative, positive`` or
+            ``(organ, name, negative, positive)`` tuples; a prompt is a string or a list of strings.
+        organs: the model's organs; when given, each finding's organ must be one of them.
+        source: how to name the findings in error messages (e.g. the file).
+
+    Raises:
+        InputError: not a list, an empty list, a missing or unknown key, an empty prompt, an unknown
+            organ, a repeated finding name. (Reading them from a file: :func:`visd.zero_shot.load_findings`.)
+    """
+    if isinstance(findings, (str, bytes, Mapping)) or not isinstance(findings, Sequence):
+        raise InputError(
+            f"{source}: expected a list of findings, got {type(findings).__name__}. "
+            "Pass e.g. [('lung', 'Emphysema', 'Not Emphysema.', 'Emphysema.')] or a findings file path."
+        )
+    if not findings:
+        raise InputError(f"{source}: the list of findings is empty. Expected at least one finding.")
+    specs = [_one(f, i, organs, source) for i, f in enumerate(findings)]
+    seen: dict[str, int] = {}
+    for i, spec in enumerate(specs):
+        if spec.name in seen:
+            raise InputError(
+                f"{source}: finding #{i + 1} repeats the name {spec.name!r} of finding #{seen[spec.name] + 1}. "
+                "Expected distinct names (they label the result table); rename one."
+            )
+        seen[spec.name] = i
+    return specs
+
+
+def _one(item: FindingLike, i: int, organs: Sequence[str] | None, source: str) -> FindingSpec:
+    where = f"{source}: finding #{i + 1}"
+    if isinstance(item, FindingSpec):
+        spec = item
+    else:
+        if isinstance(item, Mapping):
+            data = dict(item)
+            label = f"{where} ({data.get('name')!r})" if isinstance(data.get("name"), str) else where
+            unknown = [k for k in data if k not in _KEYS]
+            if unknown:
+                raise InputError(
+                    f"{label} has unknown key {unknown[0]!r}. Expected the keys {', '.join(_KEYS)}."
+                    + did_you_mean(str(unknown[0]), _KEYS)
+                )
+            missing = [k for k in _KEYS if data.get(k) is None]
+            if missing:
+                hint = " (a prompt: a string or a list of phrasings)" if missing[0] in ("negative", "positive") else ""
+                raise InputError(
+                    f"{label} lacks {missing[0]!r}{hint}. Expected the keys {', '.join(_KEYS)}, e.g. "
+                    "{organ: lung, name: Emphysema, negative: Not Emphysema., positive: Emphysema.}."
+                )
+        elif isinstance(item, Sequence) and not isinstance(item, (str, bytes)) and len(item) == 4:
+            data = dict(zip(_KEYS, item))
+            label = f"{where} ({data['name']!r})"
+        else:
+            raise InputError(
+                f"{where} is {item!r:.80}. Expected a FindingSpec, a dict with keys {', '.join(_KEYS)} or an "
+                "(organ, name, negative, positive) tuple."
+            )
+        for key in ("organ", "name"):
+            if not isinstance(data[key], str) or not data[key].strip():
+                raise InputError(f"{label}: {key!r} must be a non-empty string, got {data[key]!r}.")
+        prompts = {key: _prompts(data[key], key, label) for key in ("negative", "positive")}
+        spec = FindingSpec(organ=data["organ"].strip(), name=data["name"].strip(), **prompts)
+    if organs is not None and spec.organ not in organs:
+        raise InputError(
+            f"{where} ({spec.name!r}) names organ {spec.organ!r}, which this model does not have. "
+            f"Expected one of {list(organs)}.{did_you_mean(spec.organ, organs)}"
+        )
+    return spec
+
+
+def _prompts(value: Any, key: str, label: str) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items:
+        raise InputError(
+            f"{label}: {key!r} prompt must be a string or a non-empty list of strings, got {value!r:.80}. "
+            f"Give at least one {key} phrasing."
+        )
+    out = []
+    for p in items:
+        if not isinstance(p, str) or not p.strip():
+            raise InputError(
+                f"{label}: {key!r} prompts must be non-empty strings, got {p!r:.80}. Remove it or write the phrasing."
+            )
+        out.append(p.strip())
+    return tuple(out)
 
 def _ct_rate_findings() -> tuple[FindingSpec, ...]:
     items = [

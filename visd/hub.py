@@ -3,6 +3,11 @@
 A model folder holds ``config.json`` (the :class:`~visd.config.ViSDConfig`, preprocessing spec and
 organ list included), ``model.safetensors``, the tokenizer files and a ``README.md`` model card.
 Loading is strict: weights that do not fit the config raise :class:`CheckpointMismatchError`.
+
+This module never imports the model class (timm's ``build_model_with_cfg(model_cls, ...)``): loading is
+handed the class, ``from_pretrained(ViSDModel, source)``, and saving the instance, so the model can
+delegate here without an import cycle. Saving needs of the instance only ``state_dict()``, ``config``
+and ``tokenizer``.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TypeVar
 
 import torch
 
@@ -28,12 +33,11 @@ from visd.errors import (
     did_you_mean,
 )
 
-if TYPE_CHECKING:
-    from visd.models.model import ViSDModel
-
-__all__ = ["save_pretrained", "from_pretrained", "push_to_hub", "resolve_source", "load_state_dict_strict"]
+__all__ = ["from_pretrained", "load_state_dict_strict", "push_to_hub", "resolve_source", "save_pretrained"]
 
 logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=torch.nn.Module)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -72,7 +76,7 @@ def load_state_dict_strict(model: torch.nn.Module, state: Mapping[str, torch.Ten
 
 
 # -- writing ----------------------------------------------------------------------------------------
-def _model_card(model: "ViSDModel") -> str:
+def _model_card(model: torch.nn.Module) -> str:
     from visd.model_card import model_card
 
     return model_card(model.config)
@@ -83,8 +87,8 @@ def _atomic_write(path: Path, write) -> None:
         write(str(tmp))
 
 
-def save_pretrained(model: "ViSDModel", folder: str | Path) -> Path:
-    """Write the model folder; each file is written atomically."""
+def save_pretrained(model: torch.nn.Module, folder: str | Path) -> Path:
+    """Write the folder of ``model`` (a :class:`~visd.ViSDModel`); each file is written atomically."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -118,9 +122,14 @@ def _looks_like_path(source: str) -> bool:
 
 
 def resolve_source(
-    source: str | Path, *, revision: str | None = None, cache_dir: str | Path | None = None, local_files_only: bool = False
+    model_cls: type[torch.nn.Module],
+    source: str | Path,
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
 ) -> Path:
-    """The local folder holding the model files.
+    """The local folder holding the model files (``model_cls`` converts a registered release on first use).
 
     Precedence: an existing local folder; then a registered name (:func:`visd.list_pretrained`),
     converted into the visd cache on first use (``cache_dir`` is then the visd cache root); then a
@@ -137,7 +146,7 @@ def resolve_source(
                 f"revision={revision!r} was passed with the registered name {text!r}, whose files are pinned by its "
                 "registry entry. Drop revision, or pass a Hub repo id ('org/name') to pick a revision."
             )
-        return pretrained.resolve_pretrained(text, cache_dir=cache_dir, local_files_only=local_files_only)
+        return pretrained.resolve_pretrained(model_cls, text, cache_dir=cache_dir, local_files_only=local_files_only)
     if isinstance(source, Path) or _looks_like_path(text):
         names = pretrained.list_pretrained()
         raise WeightsNotFoundError(
@@ -176,6 +185,7 @@ def resolve_source(
 
 
 def from_pretrained(
+    model_cls: type[M],
     source: str | Path,
     *,
     revision: str | None = None,
@@ -183,15 +193,20 @@ def from_pretrained(
     local_files_only: bool = False,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
-) -> "ViSDModel":
-    """Load a model folder, registered name or Hub repo strictly (see :func:`resolve_source`); eval mode."""
+) -> M:
+    """A ``model_cls(config, tokenizer=...)`` loaded strictly from a folder, registered name or Hub repo; eval mode.
+
+    ``model_cls`` is :class:`~visd.ViSDModel` (``ViSDModel.from_pretrained`` passes itself); see
+    :func:`resolve_source` for how ``source`` is found.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from visd.models.model import ViSDModel
     from visd.models.text import load_tokenizer
 
-    folder = resolve_source(source, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    folder = resolve_source(
+        model_cls, source, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
+    )
     if not (folder / CONFIG_NAME).is_file():
         raise WeightsNotFoundError(f"{folder} has no {CONFIG_NAME}: not a visd model folder (see save_pretrained)")
     if not (folder / WEIGHTS_NAME).is_file():
@@ -204,7 +219,7 @@ def from_pretrained(
     tokenizer = load_tokenizer(folder, config.text) if (folder / "vocab.txt").is_file() else None
     if tokenizer is None:
         logger.warning("%s has no vocab.txt: the model can encode images but not text", folder)
-    model = ViSDModel(config, tokenizer=tokenizer)
+    model = model_cls(config, tokenizer=tokenizer)
     load_state_dict_strict(model, state, source=str(folder / WEIGHTS_NAME))
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
@@ -212,7 +227,7 @@ def from_pretrained(
 
 
 def push_to_hub(
-    model: "ViSDModel",
+    model: torch.nn.Module,
     repo_id: str,
     *,
     private: bool = False,

@@ -72,7 +72,7 @@ def test_first_use_downloads_verifies_converts_then_makes_no_request(release_sit
     _assert_same_weights(ViSDModel.from_pretrained(TINY_NAME, local_files_only=True), reference)
     force_hf_offline(monkeypatch)
     _assert_same_weights(ViSDModel.from_pretrained(TINY_NAME), reference)
-    assert pretrained.fetch_pretrained(TINY_NAME) == folder
+    assert pretrained.fetch_pretrained(ViSDModel, TINY_NAME) == folder
     assert release_site.requests() == []
 
 
@@ -93,7 +93,7 @@ def test_a_partial_file_left_by_a_killed_run_is_resumed_and_checked(release_site
     _downloads(release_site).mkdir(parents=True)
     part = _downloads(release_site) / "checkpoint.pth.part"
     part.write_bytes(data[:1000])
-    pretrained.fetch_pretrained(TINY_NAME, progress=False)
+    pretrained.fetch_pretrained(ViSDModel, TINY_NAME, progress=False)
     ranges = [rng for host, _, path, rng in release_site.release.requests if host == "media" and path.endswith("/checkpoint.pth")]
     assert ranges == ["bytes=1000-"]
 
@@ -120,7 +120,7 @@ def test_a_corrupted_byte_fails_the_checksum_and_leaves_no_file(release_site):
 def test_a_file_of_the_wrong_size_is_refused_before_its_body(release_site):
     release_site.release.add_file(f"{RELEASE_PATH}/checkpoint.pth", b"tiny")
     with pytest.raises(CheckpointMismatchError, match="is 4 bytes, expected"):
-        pretrained.fetch_pretrained(TINY_NAME, progress=False)
+        pretrained.fetch_pretrained(ViSDModel, TINY_NAME, progress=False)
     assert not (_downloads(release_site) / "checkpoint.pth").exists()
     assert not (_downloads(release_site) / "checkpoint.pth.part").exists()
 
@@ -193,13 +193,13 @@ def test_an_interrupted_conversion_leaves_nothing_complete(release_site):
 
 
 def test_a_folder_from_other_files_is_replaced(release_site):
-    first = pretrained.fetch_pretrained(TINY_NAME, progress=False)
+    first = pretrained.fetch_pretrained(ViSDModel, TINY_NAME, progress=False)
     (first / "stale.txt").write_text("from the old conversion")
     release_site.register(overwrite=True, citation="new citation")  # another fingerprint? no: same files
     assert pretrained.cached_folder(TINY_NAME) == first  # card text is not part of what the folder is made from
     release_site.register(overwrite=True, config={**tiny_release_config(), "temperature": 0.05})
     assert pretrained.cached_folder(TINY_NAME) is None
-    again = pretrained.fetch_pretrained(TINY_NAME, progress=False)
+    again = pretrained.fetch_pretrained(ViSDModel, TINY_NAME, progress=False)
     assert again == first and not (again / "stale.txt").exists()
     assert ViSDModel.from_pretrained(TINY_NAME).config.temperature == 0.05
 
@@ -220,4 +220,4 @@ def test_a_missing_file_names_the_http_answer(release_site):
     files[0]["url"] = files[0]["url"].replace("/raw/0123abc/", "/raw/fffffff/")
     release_site.register(files=files, overwrite=True)
     with pytest.raises(WeightsNotFoundError, match=r"(?s)raw/fffffff/checkpoint_vqvae.pth answered HTTP 404.*visd convert"):
-        pretrained.fetch_pretrained(TINY_NAME, progress=False)
+        pretrained.fetch_pretrained(ViSDModel, TINY_NAME, progress=False)

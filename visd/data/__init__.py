@@ -6,7 +6,7 @@ Conventions (axes, orientation, spacing, HU window, organ ids) are in ``docs/ct_
     case = load_case("ct.nii.gz", "totalsegmentator.nii.gz", config)  # case.image, case.mask: (D, H, W)
 """
 
-from visd.data.io import CTVolume, read_ct
+from visd.data.io import read_ct
 from visd.data.masks import read_organ_mask
 from visd.data.preprocess import (
     PreprocessedCase,
@@ -16,6 +16,7 @@ from visd.data.preprocess import (
     to_input_grid,
 )
 from visd.data.segment import segment
+from visd.data.volume import CTVolume
 
 __all__ = [
     "CTVolume",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from visd.data.io import CTVolume, _volume
+from visd.data.volume import CTVolume, ct_volume_from_array
 from visd.errors import InputError
 
 __all__ = ["read_dicom_series", "LPS_TO_RAS"]
@@ -33,7 +33,7 @@ def read_dicom_series(folder: str | os.PathLike) -> CTVolume:
         folder: a folder whose files are the slices of one series (other non-DICOM files are ignored).
 
     Returns:
-        A :class:`~visd.data.io.CTVolume`: (X, Y, Z) float32 HU, RAS+ affine, ``source`` = the folder.
+        A :class:`~visd.data.volume.CTVolume`: (X, Y, Z) float32 HU, RAS+ affine, ``source`` = the folder.
 
     Raises:
         InputError: no DICOM files, several series, a modality other than CT, a single slice (2D),
@@ -159,7 +159,7 @@ def _assemble(folder: Path, slices: list) -> CTVolume:
     lps[:3, 2] = (positions[-1] - positions[0]) / (len(slices) - 1)
     lps[:3, 3] = positions[0]
     logger.info("read DICOM series %s: %d slices of %dx%d", folder, len(slices), rows, cols)
-    return _volume(array, LPS_TO_RAS @ lps, str(folder))
+    return ct_volume_from_array(array, LPS_TO_RAS @ lps, str(folder))
 
 
 def _check_steps(folder: Path, files: list[Path], along: np.ndarray) -> None:

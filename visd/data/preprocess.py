@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 from visd.config import PreprocessConfig, ViSDConfig
-from visd.data.io import CTSource, CTVolume, read_ct
+from visd.data.io import CTSource, read_ct
 from visd.data.masks import MaskSource, read_organ_mask
 from visd.data.orientation import Reorientation, reorientation_to
+from visd.data.volume import CTVolume
 from visd.errors import InputError
 
 __all__ = [
@@ -277,16 +278,20 @@ def to_input_grid(
 
 
 def load_case(
-    image: CTSource, mask: MaskSource, config: ViSDConfig, mask_format: str = "auto"
+    image: CTSource | CTVolume, mask: MaskSource, config: ViSDConfig, mask_format: str = "auto"
 ) -> PreprocessedCase:
     """Read a CT and its organ map and preprocess them for ``config``'s model in one call.
 
+    The one read -> organ mask -> preprocess sequence (batch runs use it through
+    :func:`visd.zero_shot.loading.load_scan`).
+
     Args:
-        image: anything :func:`~visd.data.io.read_ct` accepts (NIfTI, DICOM folder, nibabel image).
+        image: anything :func:`~visd.data.io.read_ct` accepts (NIfTI, DICOM folder, nibabel image), or a
+            :class:`~visd.data.volume.CTVolume` already read (used as is).
         mask: anything :func:`~visd.data.masks.read_organ_mask` accepts (visd ids or TotalSegmentator).
         config: the model config; its ``preprocess`` spec, ``organs`` and ``totalsegmentator_map`` are used.
         mask_format: ``"auto"``, ``"visd"`` or ``"totalsegmentator"``.
     """
-    ct = read_ct(image)
+    ct = image if isinstance(image, CTVolume) else read_ct(image)
     organ_mask = read_organ_mask(mask, ct, config, mask_format=mask_format)
     return preprocess(ct, organ_mask, config.preprocess)

@@ -361,7 +361,13 @@ class ViSDModel(nn.Module):
         from visd.hub import from_pretrained
 
         return from_pretrained(
-            source, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, device=device, dtype=dtype
+            cls,
+            source,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            device=device,
+            dtype=dtype,
         )
 
     @classmethod
@@ -369,9 +375,13 @@ class ViSDModel(nn.Module):
         cls, checkpoints: Sequence[str | Path], text_encoder: str | Path, *, config: ViSDConfig | None = None
     ) -> "ViSDModel":
         """Load the authors' release: ``[checkpoint_vqvae.pth, checkpoint.pth]`` and the CXR-BERT folder."""
-        from visd.models.official import load_official
+        from visd.hub import load_state_dict_strict
+        from visd.models.official import convert_official_release
 
-        return load_official(checkpoints, text_encoder, config=config)
+        config, state, tokenizer = convert_official_release(checkpoints, text_encoder, config=config)
+        model = cls(config, tokenizer=tokenizer)
+        load_state_dict_strict(model, state, source=", ".join(map(str, checkpoints)))
+        return model.eval()
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
         """Upload the :meth:`save_pretrained` folder to a Hub repository; returns the commit URL."""

@@ -1,4 +1,4 @@
-"""Conversion of the authors' official ViSD-Boost release into a :class:`visd.ViSDModel`.
+"""Conversion of the authors' official ViSD-Boost release into a visd config, state dict and tokenizer.
 
 The release is two PyTorch pickles (``checkpoint_vqvae.pth``, then ``checkpoint.pth``; the second
 overrides shared keys) and the BiomedVLP-CXR-BERT-specialized text-encoder folder. Pickles are read
@@ -11,7 +11,9 @@ with ``torch.load(weights_only=True)`` only. Known differences to the official k
 - the EMA step count of the codebook, absent from the release, is set so that the released EMA
   state is used as is (no bias correction) if training continues.
 
-Then the weights are loaded strictly.
+:func:`convert_official_release` returns them checked against the config (organ count, no
+cross-attention); :meth:`visd.ViSDModel.from_official` builds the model and loads them strictly. This
+module imports neither the model class nor :mod:`visd.hub`, so both can use it without a cycle.
 """
 
 from __future__ import annotations
@@ -21,13 +23,19 @@ import logging
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from visd.config import TextConfig, ViSDConfig
 from visd.errors import CheckpointMismatchError, ConfigError, WeightsNotFoundError
 
-__all__ = ["load_official", "convert_official_state_dict", "read_official_checkpoints", "text_config_from_bert"]
+__all__ = [
+    "convert_official_release",
+    "convert_official_state_dict",
+    "read_official_checkpoints",
+    "text_config_from_bert",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -137,18 +145,20 @@ def _organ_count(state: dict[str, torch.Tensor]) -> int | None:
     return int(q.shape[0]) if q is not None else None
 
 
-def load_official(
+def convert_official_release(
     checkpoints: Sequence[str | Path], text_encoder: str | Path, *, config: ViSDConfig | None = None
-):
-    """Build a :class:`visd.ViSDModel` from the official release and load it strictly (eval mode).
+) -> tuple[ViSDConfig, dict[str, torch.Tensor], Any]:
+    """The official release as ``(config, state_dict, tokenizer)``, converted to visd's key layout.
 
     Args:
         checkpoints: official ``.pth`` files applied in order, e.g. ``[checkpoint_vqvae.pth, checkpoint.pth]``.
         text_encoder: the CXR-BERT folder (``config.json``, ``vocab.txt``).
         config: the model config; default: the CT-RATE chest config with the folder's text config.
+
+    The tokenizer is read here, with ``config.text`` (lower-casing, length), so it always matches the
+    config returned. The organ count of the checkpoint is checked against the config; key names and
+    shapes are checked when the caller loads ``state_dict`` strictly (``ViSDModel.from_official``).
     """
-    from visd.hub import load_state_dict_strict
-    from visd.models.model import ViSDModel
     from visd.models.text import load_tokenizer
 
     state = read_official_checkpoints(checkpoints)
@@ -161,9 +171,7 @@ def load_official(
             f"the checkpoint has {n} organ queries but the config has {len(config.organs)} organs "
             f"{list(config.organs)}; pass a config with the checkpoint's organs"
         )
-    model = ViSDModel(config, tokenizer=load_tokenizer(text_encoder, config.text))
-    load_state_dict_strict(model, convert_official_state_dict(state), source=", ".join(map(str, checkpoints)))
-    return model.eval()
+    return config, convert_official_state_dict(state), load_tokenizer(text_encoder, config.text)
 
 
 def official_keys(path: str | Path) -> Iterable[str]:

@@ -19,14 +19,7 @@ from typing import Any
 import torch
 
 from visd.config import ViSDConfig
-from visd.data import (
-    CTVolume,
-    PreprocessedCase,
-    preprocess,
-    read_ct,
-    read_organ_mask,
-    segment,
-)
+from visd.data import CTVolume, PreprocessedCase, load_case, read_ct, segment
 from visd.data.segment import totalsegmentator_classes
 from visd.errors import InputError, MissingDependencyError
 
@@ -45,7 +38,11 @@ class LoadedCase:
 def load_scan(
     source: Any, mask: Any, config: ViSDConfig, mask_format: str, segment_dir: Any, scan: str
 ) -> PreprocessedCase:
-    """Read, check and preprocess one scan; every problem with the data raises :class:`InputError`."""
+    """Read, check and preprocess one scan; every problem with the data raises :class:`InputError`.
+
+    The CT is read first (an unreadable scan is never segmented), then its mask is found or made with
+    TotalSegmentator, then :func:`visd.data.load_case` reads the mask and preprocesses.
+    """
     ct = source if isinstance(source, CTVolume) else read_ct(source)
     if mask is None:
         if segment_dir is None:
@@ -60,8 +57,7 @@ def load_scan(
             )
         mask = _segment(source, Path(segment_dir) / scan, scan, totalsegmentator_classes(config))
         mask_format = "totalsegmentator"
-    organ_mask = read_organ_mask(mask, ct, config, mask_format=mask_format)
-    return preprocess(ct, organ_mask, config.preprocess)
+    return load_case(ct, mask, config, mask_format=mask_format)
 
 
 def _segment(source: str | os.PathLike, out_dir: Path, scan: str, roi_subset: Sequence[str]) -> Path:
