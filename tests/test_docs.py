@@ -110,7 +110,8 @@ def test_official_release(tmp_path, official_tiny_checkpoint):
 
 def test_performance_options(tmp_path, official_in_cache):
     ns = run_blocks("performance.md", tmp_path)
-    assert ns["model"].window_batch_size == 4 and ns["model"].channels_last
+    assert ns["previous"].mode == "fused"  # what set_numerics("official") replaced: the default
+    assert ns["model"].numerics.describe() == "fused"  # restored at the end of the block
 
 
 def docs_with_python(root: Path = ROOT) -> set[str]:

@@ -135,8 +135,8 @@ model = ViSDModel.from_pretrained("this/folder-or-repo")
 - ROI (D, H, W) {p.roi}, pad value {p.pad_value}; windows zero-padded at the end to multiples of (16, 32, 32)
 
 ## Numerics
-float32 weights (safetensors). The default fast path matches the official computation within 1e-5 on
-organ embeddings and probabilities; `model.official_numerics = True` reproduces the official organ
+float32 weights (safetensors). The default fused numerics match the official computation within 1e-5 on
+organ embeddings and probabilities; `model.set_numerics("official")` reproduces the official organ
 embeddings bit for bit on CPU. Zero-shot probability = softmax over (negative, positive) prompt
 similarities divided by the learnt temperature.
 

@@ -13,11 +13,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from visd.config import FindingSpec
+from visd.config import FindingLike, FindingSpec, as_findings
 from visd.inference.volume import encode_volume
 from visd.models.outputs import FindingScore, ZeroShotResult
 from visd.models.windows import Status
-from visd.zero_shot.findings import FindingLike, as_findings
 
 __all__ = ["clear_prompt_cache", "prompt_embeddings", "zero_shot_classify"]
 
