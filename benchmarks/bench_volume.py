@@ -5,7 +5,7 @@
 time padded to 384 tokens, as the official evaluation does for every volume; the fused modes encode the
 prompts in one batch without padding. The time includes the text (first call, nothing cached), and
 ``--compare`` also checks the probabilities against the official-numerics path, and ``--float64`` against
-the fast path run in float64 (exact algebra, so within about 1e-12 of the true value): how far each
+the fused numerics run in float64 (exact algebra, so within about 1e-12 of the true value): how far each
 float32 path is from the exact probabilities.
 """
 

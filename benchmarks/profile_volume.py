@@ -1,4 +1,4 @@
-"""Where the per-volume time goes: the fast path on the synthetic 240 x 480 x 480 chest volume under
+"""Where the per-volume time goes: the fused numerics on the synthetic 240 x 480 x 480 chest volume under
 ``torch.profiler``, as a table of operators by self CPU time. Prints only (no row in README.md); the
 profiler adds some overhead, so take the shares, not the total, from it::
 

@@ -28,7 +28,7 @@ _DISTANCE_BUDGET = 1 << 22
 
 
 # Rows of a segment summed per step by _row_sum: a float64 copy of a few MB, which the allocator
-# reuses (copies over 32 MiB would be fresh memory each time, see visd.models.fast._zeroed).
+# reuses (copies over 32 MiB would be fresh memory each time, see visd.models.fused._zeroed).
 _ROW_CHUNK = 1 << 13
 
 
