@@ -3,7 +3,13 @@
 
 ``--stage alignment`` (anatomy-level image-report alignment), ``disease`` (disease-level vision
 contrastive learning with a momentum encoder, two views), ``normality`` (the VQ-VAE on normal organs,
-vision encoder frozen).
+vision encoder frozen). ``--numerics official`` runs the authors' operation order (the training forward
+before the fused algebra), ``fused`` (default) the fused algebra; ``--precision bf16`` runs the step
+under CPU/GPU bf16 autocast, as ``precision: bf16`` in a training config does. Run the pairs back to
+back, one per process::
+
+    python benchmarks/bench_train_step.py --stage alignment --numerics official
+    python benchmarks/bench_train_step.py --stage alignment --numerics fused
 """
 
 from __future__ import annotations
@@ -35,9 +41,13 @@ def make_batch(model, views: int, device: str) -> Batch:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--stage", default="alignment", choices=["alignment", "disease", "normality"])
+    ap.add_argument("--numerics", default="fused", choices=["official", "fused"])
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     model = full_size_model(args.device)
+    model.set_numerics(args.numerics)
+    amp = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     stage = StageConfig(objectives=(args.stage,), lr=1e-4)
     params = configure_trainable(model, stage)
     momentum = make_momentum(model) if args.stage == "disease" else None
@@ -47,8 +57,9 @@ def main() -> None:
 
     def step():
         set_train_modes(model, stage)
-        keys = momentum_keys(model, momentum, batch) if momentum is not None else (None, None)
-        out = objective(batch, *keys)
+        with amp:
+            keys = momentum_keys(model, momentum, batch) if momentum is not None else (None, None)
+            out = objective(batch, *keys)
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
@@ -58,7 +69,7 @@ def main() -> None:
 
     loss, seconds = timed(step)
     peak = peak_gpu_gb() if args.device == "cuda" else peak_rss_gb()
-    record(f"train step, {args.stage}, 2 x 112x256x352", "fp32", seconds, peak, f"{args.device}, loss {loss:.3f}",
+    record(f"train step, {args.stage}, 2 x 112x256x352", f"{args.numerics} {args.precision}", seconds, peak, f"{args.device}, loss {loss:.3f}",
            "python benchmarks/bench_train_step.py " + " ".join(sys.argv[1:]))
 
 

@@ -161,6 +161,20 @@ def test_zero_shot_fused_equals_official_numerics():
         assert (a.probability != a.probability and b.probability != b.probability) or abs(a.probability - b.probability) < 1e-5
 
 
+def test_fused_float32_is_within_1e6_of_a_float64_run():
+    """The criterion of the fused numerics: the exact (float64) probabilities, not another float32 order."""
+    model = make_tiny_model()
+    image, mask = phantom_volume()
+    got = _probs(model, image, mask)
+    model.double()
+    exact = _probs(model, image, mask)
+    assert exact.dtype == torch.float32 and int(exact.isfinite().sum()) >= 3
+    model.float()
+    again = _probs(model, image, mask)  # back in float32: the prompt cache holds no float64 rows
+    torch.testing.assert_close(got, exact, rtol=0, atol=1e-6, equal_nan=True)
+    assert torch.equal(again.nan_to_num(), got.nan_to_num())
+
+
 def _probs(model, image, mask, **options):
     return torch.tensor([s.probability for s in zero_shot_classify(model, image, mask, **options).scores])
 
@@ -189,6 +203,11 @@ def test_bf16_autocast_stays_close():
     base = _probs(model, image, mask)
     previous = model.set_numerics("fused", autocast=torch.bfloat16)
     assert model.numerics.describe() == "fused-bf16"
+    if fast._accumulates(torch.empty(0, dtype=torch.bfloat16)):  # oneDNN runs the folded backbone in bf16
+        assert model._image_path._native_bf16(image)
+        with torch.no_grad():
+            feats = model._image_path.levels(model.vision, image[None, None, :32, :64, :64])
+        assert all(f.dtype == torch.bfloat16 for f in feats)  # no autocast, no float32 copy of the maps
     got = _probs(model, image, mask)
     torch.testing.assert_close(got, base, rtol=0, atol=2e-2, equal_nan=True)
     model.set_numerics(previous)

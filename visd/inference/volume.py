@@ -66,7 +66,8 @@ def encode_volume(
             "Pass the label map that was computed on this CT."
         )
     names = tuple(organs) if organs is not None else model.organs
-    emb = torch.full((len(names), model.config.embed_dim), float("nan"), device=model.device)
+    dtype = model.temperature.dtype  # float32, or float64 for a model in float64 (exact reference runs)
+    emb = torch.full((len(names), model.config.embed_dim), float("nan"), device=model.device, dtype=dtype)
     status: dict[str, str] = {name: Status.ABSENT for name in names}
     details: dict[str, OrganDetail] = {}
     windows = {}
@@ -77,8 +78,8 @@ def encode_volume(
     for group in window_batches(windows, window_batch_size):
         ws = [windows[n] for n in group]
         outs = model.embed_windows(
-            torch.cat([w.image for w in ws]),
-            torch.cat([w.mask[:, 0] for w in ws]),
+            ws[0].image if len(ws) == 1 else torch.cat([w.image for w in ws]),  # no copy for a lone window
+            ws[0].mask[:, 0] if len(ws) == 1 else torch.cat([w.mask[:, 0] for w in ws]),
             sorted({w.organ_index for w in ws}),
             targets=[w.organ_index for w in ws],
             normalize=normalize,

@@ -52,7 +52,7 @@ def _fold(conv: torch.nn.Conv3d, bn: torch.nn.BatchNorm3d) -> tuple[torch.Tensor
 
 def _conv_bn(folded: "FoldedBackbone", conv: torch.nn.Conv3d, x: torch.Tensor, fmt=torch.contiguous_format) -> torch.Tensor:
     """``bn(conv(x))`` as one convolution (folded weights) whose output has memory format ``fmt``."""
-    w, b = folded.weights(conv, fmt)
+    w, b = folded.weights(conv, fmt, x.dtype if not _cpu_autocast() else torch.float32)
     x = x.contiguous(memory_format=fmt)
     return F.conv3d(x, w.to(x.dtype), b.to(x.dtype), conv.stride, conv.padding, conv.dilation)
 
@@ -65,10 +65,10 @@ def _cpu_autocast() -> bool:
 
 
 def _accumulates(x: torch.Tensor) -> bool:
-    """Whether :func:`_conv_add_` can run: float32 on a CPU with oneDNN, outside autocast."""
+    """Whether :func:`_conv_add_` can run: float32 or bfloat16 on a CPU with oneDNN, outside autocast."""
     return (
         x.device.type == "cpu"
-        and x.dtype == torch.float32
+        and x.dtype in (torch.float32, torch.bfloat16)
         and not _cpu_autocast()
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_convolution_pointwise_")
@@ -199,7 +199,7 @@ def _stem(folded: "FoldedBackbone", x: torch.Tensor, fmt=torch.contiguous_format
     kd, pd = conv.kernel_size[0], conv.padding[0]
     if conv.stride[0] != 1 or kd != 2 * pd + 1 or x.device.type != "cpu":
         return F.max_pool3d(_conv_bn(folded, conv, x, fmt=fmt), 3, 2, 1).relu_().contiguous(memory_format=fmt)
-    weight, bias = folded.weights(conv, torch.contiguous_format)
+    weight, bias = folded.weights(conv, torch.contiguous_format, x.dtype if in_place else torch.float32)
     n = x.shape[2]
     h, w = _out_size(conv, x.shape[2:])[1:]
     out_d, out_h, out_w = (n - 1) // 2 + 1, (h - 1) // 2 + 1, (w - 1) // 2 + 1
@@ -242,7 +242,7 @@ def _block(folded: "FoldedBackbone", block, x: torch.Tensor, fmt, pool: dict | N
     x = x.contiguous(memory_format=fmt)
     out = _zeroed(pool, (x.shape[0], block.conv1.out_channels, *_out_size(block.conv1, x.shape[2:])), x, fmt)
     for conv, target in ((block.conv1, out), (block.conv2, residual)):
-        w, b = folded.weights(conv, fmt)
+        w, b = folded.weights(conv, fmt, x.dtype)
         _conv_add_(target, x, w, b, conv, relu=True)
         x = target
     return residual
@@ -263,19 +263,23 @@ class FoldedBackbone:
                 pairs += [(block.conv1, block.bn1), (block.conv2, block.bn2)]
         with torch.no_grad():
             self._folded = {id(conv): _fold(conv, bn) for conv, bn in pairs}
-        self._formatted: dict[tuple[int, torch.memory_format], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._formatted: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def weights(self, conv: torch.nn.Conv3d, fmt: torch.memory_format) -> tuple[torch.Tensor, torch.Tensor]:
-        """The folded weight (in memory format ``fmt``) and bias of ``conv`` and its BatchNorm."""
-        key = (id(conv), fmt)
+    def weights(
+        self, conv: torch.nn.Conv3d, fmt: torch.memory_format, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The folded weight (in memory format ``fmt``) and bias of ``conv`` and its BatchNorm, in ``dtype``
+        (folded in the weights' own precision, then cast)."""
+        key = (id(conv), fmt, dtype)
         if key not in self._formatted:
             w, b = self._folded[id(conv)]
-            self._formatted[key] = (w.contiguous(memory_format=fmt), b)
+            self._formatted[key] = (w.to(dtype).contiguous(memory_format=fmt), b.to(dtype))
         return self._formatted[key]
 
     @torch.no_grad()
     def __call__(self, image: torch.Tensor, *, channels_last: bool = False) -> list[torch.Tensor]:
-        """The four stage outputs for ``image`` ``(B, C, D, H, W)``.
+        """The four stage outputs for ``image`` ``(B, C, D, H, W)``, in its dtype (a bfloat16 image
+        runs in bfloat16 throughout, with the reused-memory convolutions of a float32 one).
 
         Args:
             channels_last: run the residual stages in the channels-last 3D memory format.
@@ -294,12 +298,16 @@ class FoldedBackbone:
         return feats
 
 
-def organ_features(feats: list[torch.Tensor], flags: list[torch.Tensor], b: int, o: int) -> list[torch.Tensor]:
-    """Backbone features ``(n_k, C_k)`` at the tokens of organ ``o`` in batch item ``b``, per level."""
+def organ_features(
+    feats: list[torch.Tensor], flags: list[torch.Tensor], b: int, o: int, dtype: torch.dtype | None = None
+) -> list[torch.Tensor]:
+    """Backbone features ``(n_k, C_k)`` at the tokens of organ ``o`` in batch item ``b``, per level,
+    converted to ``dtype`` when given (only the organ's rows, not the whole maps)."""
     rows = []
     for f, fl in zip(feats, flags):
         by_token = f[b].permute(1, 2, 3, 0).reshape(-1, f.shape[1])  # a view for channels-last maps
-        rows.append(by_token.index_select(0, torch.nonzero(fl[b, o]).flatten()))
+        picked = by_token.index_select(0, torch.nonzero(fl[b, o]).flatten())
+        rows.append(picked if dtype is None else picked.to(dtype))
     return rows
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from visd.models.fused import FoldedBackbone, FoldedQuery, SharedPart, fold_query, organ_features, pool_organ, project
+from visd.models.fused import FoldedBackbone, _accumulates, FoldedQuery, SharedPart, fold_query, organ_features, pool_organ, project
 from visd.models.numerics import Numerics
 from visd.models.pooling import OrganPooling
 from visd.models.vision import VisionEncoder
@@ -108,18 +108,34 @@ class FusedPath(ImagePath):
 
     def levels(self, vision, images):
         dtype = images.dtype
-        with self._autocast(images.device):
-            if torch.is_grad_enabled() or vision.training:
+        if torch.is_grad_enabled() or vision.training:
+            with self._autocast(images.device):
                 feats = vision.backbone(images)
-                return [f.to(dtype) for f in feats] if self.numerics.autocast is not None else feats
+            return [f.to(dtype) for f in feats] if self.numerics.autocast is not None else feats
+        with torch.no_grad():
             key = _fingerprint(vision.backbone)
             if self._backbone is None or self._backbone[0] != key:
                 self._backbone = (key, FoldedBackbone(vision.backbone))
-            feats = self._backbone[1](images, channels_last=self.numerics.channels_last)
+            folded = self._backbone[1]
+            if self._native_bf16(images):
+                # the folded backbone in bfloat16 throughout, without autocast: it keeps the reused-memory
+                # convolutions of float32, which autocast's casts and fresh outputs would cost; the maps
+                # stay bfloat16 and only the organs' rows are converted (organ_tokens)
+                return folded(images.to(torch.bfloat16), channels_last=self.numerics.channels_last)
+            with self._autocast(images.device):
+                feats = folded(images, channels_last=self.numerics.channels_last)
         return [f.to(dtype) for f in feats]
 
+    def _native_bf16(self, images: torch.Tensor) -> bool:
+        """bf16 numerics on a CPU whose oneDNN runs the folded backbone in bfloat16 (see :func:`fused._accumulates`)."""
+        return (
+            self.numerics.autocast == torch.bfloat16
+            and self.numerics.channels_last
+            and _accumulates(torch.empty(0, dtype=torch.bfloat16, device=images.device))
+        )
+
     def organ_tokens(self, vision, levels, flags, b, o):
-        feats = organ_features(levels, flags, b, o)
+        feats = organ_features(levels, flags, b, o, dtype=vision.proj1.weight.dtype)
         projs = vision.projections()
         return OrganTokens(list(zip(feats[:3], projs[:3])), project(projs[3], feats[3]))
 

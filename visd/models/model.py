@@ -150,7 +150,7 @@ class ViSDModel(nn.Module):
         normal = self.normality([t.level4 for t in tokens], organs, fused_attention=path.fused_attention)
         attention = [path.attend(self.pooling, t, n.reconstruction, o) for t, n, o in zip(tokens, normal, organs)]
         rows = [self.pooling.project[o](a) for a, o in zip(attention, organs)]
-        proj = torch.stack(rows) if rows else levels[0].new_zeros((0, self.config.embed_dim))
+        proj = torch.stack(rows) if rows else self.temperature.new_zeros((0, self.config.embed_dim))
         return proj, tokens, normal, attention
 
     @torch.no_grad()
@@ -192,7 +192,7 @@ class ViSDModel(nn.Module):
         grid = tuple(n // s for n, s in zip(masks.shape[-3:], TOKEN_MULTIPLE))
         out = []
         for b in range(images.shape[0]):
-            emb = torch.full((len(names), self.config.embed_dim), float("nan"), device=self.device)
+            emb = torch.full((len(names), self.config.embed_dim), float("nan"), device=self.device, dtype=proj.dtype)
             details: dict[str, OrganDetail] = {}
             for (bi, o), p, t, n, a in zip(items, proj, tokens, normal, attention):
                 if bi != b:
@@ -208,7 +208,7 @@ class ViSDModel(nn.Module):
                     projection=p,
                 )
             codes = {name: STATUSES[int(status[b, o])] for name, o in zip(names, indices)}
-            out.append(OrganEmbeddings(names, emb.float(), codes, details))
+            out.append(OrganEmbeddings(names, emb, codes, details))
         return out
 
     @torch.no_grad()

@@ -41,7 +41,7 @@ class OrganEmbeddings:
 
     Attributes:
         organs: organ names, in the order of ``embeddings`` rows.
-        embeddings: ``(O, E)`` float32; rows of organs not scored are NaN.
+        embeddings: ``(O, E)`` the model's dtype (float32, or float64 for a model run in float64); rows of organs not scored are NaN.
         status: per organ, ``"scored"`` or why not (e.g. ``"organ_absent"``).
         details: per scored organ, its :class:`OrganDetail`.
     """
