@@ -27,7 +27,7 @@ def test_folded_conv_batchnorm(generator):
         x = torch.randn(2, 3, 5, 6, 7, generator=generator)
         expected = bn(conv(x))
         folded = FoldedBackbone.__new__(FoldedBackbone)  # just the folding of one pair
-        folded._folded, folded._formatted = {id(conv): fast._fold(conv, bn)}, {}
+        folded._pairs, folded._formatted = {id(conv): (conv, bn)}, {}
         torch.testing.assert_close(_conv_bn(folded, conv, x), expected, rtol=1e-5, atol=1e-5)
         cl = _conv_bn(folded, conv, x, fmt=torch.channels_last_3d)
         assert cl.is_contiguous(memory_format=torch.channels_last_3d)

@@ -251,8 +251,9 @@ def _block(folded: "FoldedBackbone", block, x: torch.Tensor, fmt, pool: dict | N
 class FoldedBackbone:
     """A :class:`ResNet3d`'s eval-mode computation with every BatchNorm folded into its convolution.
 
-    The folding is done once, at construction (:class:`visd.models.image_path.FusedPath` rebuilds
-    it when the weights change); calling it gives the four stage outputs without gradients.
+    Each convolution is folded once, at its first use in a memory format and dtype
+    (:class:`visd.models.image_path.FusedPath` builds a new one when the weights change); calling it
+    gives the four stage outputs without gradients.
     """
 
     def __init__(self, backbone: ResNet3d) -> None:
@@ -261,8 +262,7 @@ class FoldedBackbone:
         for name in ("layer1", "layer2", "layer3", "layer4"):
             for block in getattr(backbone, name):
                 pairs += [(block.conv1, block.bn1), (block.conv2, block.bn2)]
-        with torch.no_grad():
-            self._folded = {id(conv): _fold(conv, bn) for conv, bn in pairs}
+        self._pairs = {id(conv): (conv, bn) for conv, bn in pairs}
         self._formatted: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def weights(
@@ -271,8 +271,9 @@ class FoldedBackbone:
         """The folded weight (in memory format ``fmt``) and bias of ``conv`` and its BatchNorm, in ``dtype``
         (folded in the weights' own precision, then cast)."""
         key = (id(conv), fmt, dtype)
-        if key not in self._formatted:
-            w, b = self._folded[id(conv)]
+        if key not in self._formatted:  # folded on first use: one copy of the weights per format in use
+            with torch.no_grad():
+                w, b = _fold(*self._pairs[id(conv)])
             self._formatted[key] = (w.to(dtype).contiguous(memory_format=fmt), b.to(dtype))
         return self._formatted[key]
 

@@ -40,11 +40,13 @@ def pad_to_token_multiple(x: torch.Tensor) -> torch.Tensor:
 
 
 def _label_counts(labels: torch.Tensor, num_organs: int) -> torch.Tensor:
-    """``(B, O + 1)`` voxel count of each label 0..O in each batch item of ``labels`` ``(B, ...)``."""
-    b = labels.shape[0]
-    offset = torch.arange(b, device=labels.device).view(b, *([1] * (labels.dim() - 1))) * (num_organs + 1)
-    flat = (labels.long() + offset).flatten()
-    return torch.bincount(flat, minlength=b * (num_organs + 1)).view(b, num_organs + 1)
+    """``(B, O + 1)`` voxel count of each label 0..O in each batch item of ``labels`` ``(B, ...)``.
+
+    Counted in the labels' own integer type, window by window: a lung window holds ~30 million
+    voxels, and an int64 copy of them would cost more than the count.
+    """
+    rows = [torch.bincount(item.flatten(), minlength=num_organs + 1)[: num_organs + 1] for item in labels]
+    return torch.stack(rows)
 
 
 def _border_planes(mask: torch.Tensor) -> torch.Tensor:

@@ -124,7 +124,9 @@ def diagnose(
     asked = tuple(dict.fromkeys(s.organ for s in specs))
     extra = tuple(o for o in organs if o not in asked) if embeddings_path is not None else ()
     emb = np.full((len(sources), len(organs), model.config.embed_dim), np.nan, dtype=np.float32)
-    report = DiagnosisReport(scans=tuple(ids), records=[], organs=organs, embeddings=emb)
+    report = DiagnosisReport(
+        scans=tuple(ids), records=[], organs=organs, embeddings=emb, numerics=model.numerics.describe()
+    )
     check_num_workers(num_workers)
     if dicom_out is not None:
         require_highdicom()  # before the first scan, not at the first DICOM scan's outputs
@@ -132,7 +134,11 @@ def diagnose(
         raise InputError("resume=True needs the journal of the interrupted run: pass journal=<its path>.")
     log = None
     if journal is not None:
-        outputs = {"embeddings": embeddings_path is not None, "anomaly_maps": _path_key(anomaly_maps_dir)}
+        outputs = {
+            "embeddings": embeddings_path is not None,
+            "anomaly_maps": _path_key(anomaly_maps_dir),
+            "numerics": model.numerics.describe(),  # a resumed run must not mix numerics
+        }
         log = Journal(journal, fingerprint(model, specs, mask_format, outputs), emb.shape[1:], resume=resume)
     paths = [_path_key(s) for s in sources]
     reused = {i: log.reusable(ids[i], paths[i]) for i in range(len(ids))} if log is not None else {}

@@ -41,6 +41,8 @@ class DiagnosisReport:
         anomaly_maps: per scan with maps written, the ``(nifti, png)`` paths.
         embeddings_path: the embedding file written, if any.
         resumed: scan ids taken from the journal of an interrupted run (``diagnose(resume=True)``).
+        numerics: the image path's numerics, e.g. ``"fused"`` or ``"fused-bf16"``
+            (:meth:`visd.models.numerics.Numerics.describe`).
     """
 
     scans: tuple[str, ...]
@@ -51,6 +53,7 @@ class DiagnosisReport:
     anomaly_maps: dict[str, tuple[Path, Path]] = field(default_factory=dict)
     embeddings_path: Path | None = None
     resumed: list[str] = field(default_factory=list)
+    numerics: str = ""
 
     @property
     def succeeded(self) -> tuple[str, ...]:
@@ -71,13 +74,14 @@ class DiagnosisReport:
         return atomic_write_text(path, self.to_pandas().to_csv(index=False))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready content: format, columns, scans, failed scans with reasons, rows (NaN -> null)."""
+        """JSON-ready content: format, numerics, columns, scans, failed scans with reasons, rows (NaN -> null)."""
         rows = [
             {**r, "probability": None if math.isnan(r["probability"]) else float(r["probability"])}
             for r in self.records
         ]
         return {
             "format": DIAGNOSIS_FORMAT,
+            "numerics": self.numerics,
             "columns": list(COLUMNS),
             "scans": list(self.scans),
             "failed": [{"scan": s, "reason": r} for s, r in self.failed],

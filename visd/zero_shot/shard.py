@@ -102,6 +102,7 @@ def run_sharded(args, inputs: list, masks: list, scan_ids: list[str] | None, seg
     from visd._distributed import join_process_group
     from visd._io import atomic_write_text
     from visd.models.model import ViSDModel
+    from visd.models.numerics import numerics_for
     from visd.pretrained import DEFAULT_MODEL
 
     from .findings import load_findings
@@ -129,6 +130,8 @@ def run_sharded(args, inputs: list, masks: list, scan_ids: list[str] | None, seg
                 "ranks), or delete the journals to start over."
             )
         model = ViSDModel.from_pretrained(args.model if args.model is not None else DEFAULT_MODEL).to(env.device)
+        numerics, numerics_note = numerics_for(args.numerics, env.device)
+        model.set_numerics(numerics)
         findings = load_findings(args.findings, model.organs) if args.findings else None
         share = shares([_size(s) for s in inputs], env.world)[env.rank]
         header, lines = _journaled(old) if args.resume else (None, {})
@@ -138,7 +141,7 @@ def run_sharded(args, inputs: list, masks: list, scan_ids: list[str] | None, seg
             body = [lines[ids[i]] for i in share if ids[i] in lines]
             atomic_write_text(journal, "\n".join([header, *body]) + "\n")
         emb_path = Path(f"{out}.rank{env.rank}.embeddings.safetensors") if args.embeddings else None
-        report = DiagnosisReport(scans=(), records=[], organs=model.organs, embeddings=None)
+        report = DiagnosisReport(scans=(), records=[], organs=model.organs, embeddings=None, numerics=model.numerics.describe())
         if share:  # more ranks than scans leaves some ranks without any
             report = diagnose(
                 [inputs[i] for i in share], [masks[i] for i in share], model, findings=findings,
@@ -157,6 +160,7 @@ def run_sharded(args, inputs: list, masks: list, scan_ids: list[str] | None, seg
         code = 0
         if env.rank == 0:
             merged = _merge(parts, ids, model.organs, DiagnosisReport)
+            merged.numerics = model.numerics.describe()
             written = [str(merged.to_csv(out))]
             if args.json:
                 written.append(str(merged.to_json(args.json)))
@@ -171,7 +175,7 @@ def run_sharded(args, inputs: list, masks: list, scan_ids: list[str] | None, seg
             n, bad = len(ids), len(merged.failed)
             resumed = f" ({len(merged.resumed)} taken from the journals)" if merged.resumed else ""
             print(f"diagnosed {n} scan(s) on {env.world} rank(s): {n - bad} ok{resumed}, {bad} failed; "
-                  f"wrote {', '.join(written)}")
+                  f"numerics {merged.numerics} ({numerics_note}); wrote {', '.join(written)}")
             code = 1 if bad else 0
         if env.world > 1:  # every rank exits with the run's code (1: some scans were skipped)
             box = [code]
