@@ -105,7 +105,7 @@ def test_exit_code_1_and_the_good_case_finishes(batch, reference):
     good = df[df.scan == "abdomen_3mm"]
     assert list(good.status) == [s.status for s in reference.scores]
     np.testing.assert_allclose(good.probability, [s.probability for s in reference.scores], atol=1e-5)
-    assert f"diagnosed 12 scan(s): 1 ok, 11 failed; wrote {out / 'results.csv'}" in proc.stdout
+    assert f"diagnosed 12 scan(s): 1 ok, 11 failed; numerics fused (asked for); wrote {out / 'results.csv'}" in proc.stdout
 
 
 def test_each_bad_case_names_its_problem_in_the_table_and_one_stderr_line(batch):
