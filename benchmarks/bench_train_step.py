@@ -43,10 +43,14 @@ def main() -> None:
     ap.add_argument("--stage", default="alignment", choices=["alignment", "disease", "normality"])
     ap.add_argument("--numerics", default="fused", choices=["official", "fused"])
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--no-channels-last", action="store_true", help="fused numerics without channels-last input")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     model = full_size_model(args.device)
-    model.set_numerics(args.numerics)
+    if args.numerics == "fused":
+        model.set_numerics("fused", channels_last=not args.no_channels_last)
+    else:
+        model.set_numerics("official")
     amp = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     stage = StageConfig(objectives=(args.stage,), lr=1e-4)
     params = configure_trainable(model, stage)
@@ -69,7 +73,7 @@ def main() -> None:
 
     loss, seconds = timed(step)
     peak = peak_gpu_gb() if args.device == "cuda" else peak_rss_gb()
-    record(f"train step, {args.stage}, 2 x 112x256x352", f"{args.numerics} {args.precision}", seconds, peak, f"{args.device}, loss {loss:.3f}",
+    record(f"train step, {args.stage}, 2 x 112x256x352", f"{model.numerics.describe()} {args.precision}", seconds, peak, f"{args.device}, loss {loss:.3f}",
            "python benchmarks/bench_train_step.py " + " ".join(sys.argv[1:]))
 
 
