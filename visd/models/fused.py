@@ -300,16 +300,29 @@ class FoldedBackbone:
 
 
 def organ_features(
-    feats: list[torch.Tensor], flags: list[torch.Tensor], b: int, o: int, dtype: torch.dtype | None = None
-) -> list[torch.Tensor]:
-    """Backbone features ``(n_k, C_k)`` at the tokens of organ ``o`` in batch item ``b``, per level,
-    converted to ``dtype`` when given (only the organ's rows, not the whole maps)."""
-    rows = []
+    feats: list[torch.Tensor],
+    flags: list[torch.Tensor],
+    items: list[tuple[int, int]],
+    dtype: torch.dtype | None = None,
+) -> list[list[torch.Tensor]]:
+    """Backbone features ``(n_k, C_k)`` at the tokens of organ ``o`` in batch item ``b``, for each
+    ``(b, o)`` of ``items``, per level: ``out[i][k]`` is item ``i``'s level ``k``.
+
+    One gather per level for all items (rows of the channels-last maps, no flattening copy), so with
+    gradients the backward fills one zero map per level, not one per organ; converted to ``dtype``
+    when given (only the gathered rows, not the whole maps).
+    """
+    if not items:
+        return []
+    per_level = []
     for f, fl in zip(feats, flags):
-        by_token = f[b].permute(1, 2, 3, 0).reshape(-1, f.shape[1])  # a view for channels-last maps
-        picked = by_token.index_select(0, torch.nonzero(fl[b, o]).flatten())
-        rows.append(picked if dtype is None else picked.to(dtype))
-    return rows
+        n_tokens = fl.shape[-1]
+        by_token = f.permute(0, 2, 3, 4, 1).reshape(-1, f.shape[1])  # (B * L, C), a view for channels-last maps
+        index = [torch.nonzero(fl[b, o]).flatten() + b * n_tokens for b, o in items]
+        rows = by_token.index_select(0, torch.cat(index))
+        rows = rows if dtype is None else rows.to(dtype)
+        per_level.append(rows.split([len(i) for i in index]))
+    return [list(level_rows) for level_rows in zip(*per_level)]
 
 
 def project(proj: torch.nn.Conv3d, x: torch.Tensor) -> torch.Tensor:

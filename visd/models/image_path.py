@@ -57,7 +57,8 @@ class ImagePath:
     def levels(self, vision: VisionEncoder, images: torch.Tensor) -> list[torch.Tensor]:
         raise NotImplementedError
 
-    def organ_tokens(self, vision: VisionEncoder, levels, flags, b: int, o: int) -> OrganTokens:
+    def organ_tokens(self, vision: VisionEncoder, levels, flags, items: list[tuple[int, int]]) -> list[OrganTokens]:
+        """The tokens of each ``(window, organ)`` of ``items``."""
         raise NotImplementedError
 
     def attend(self, pooling: OrganPooling, tokens: OrganTokens, normal4: torch.Tensor, o: int) -> torch.Tensor:
@@ -70,9 +71,12 @@ class OfficialPath(ImagePath):
     def levels(self, vision, images):
         return vision(images)
 
-    def organ_tokens(self, vision, levels, flags, b, o):
-        keys = [lv[b][fl[b, o]] for lv, fl in zip(levels, flags)]
-        return OrganTokens([(torch.cat(keys[:3], 0), None)], keys[3])
+    def organ_tokens(self, vision, levels, flags, items):
+        out = []
+        for b, o in items:
+            keys = [lv[b][fl[b, o]] for lv, fl in zip(levels, flags)]
+            out.append(OrganTokens([(torch.cat(keys[:3], 0), None)], keys[3]))
+        return out
 
     def attend(self, pooling, tokens, normal4, o):
         other = tokens.shared[0][0]
@@ -135,10 +139,12 @@ class FusedPath(ImagePath):
             and _accumulates(torch.empty(0, dtype=torch.bfloat16, device=images.device))
         )
 
-    def organ_tokens(self, vision, levels, flags, b, o):
-        feats = organ_features(levels, flags, b, o, dtype=vision.proj1.weight.dtype)
+    def organ_tokens(self, vision, levels, flags, items):
         projs = vision.projections()
-        return OrganTokens(list(zip(feats[:3], projs[:3])), project(projs[3], feats[3]))
+        return [
+            OrganTokens(list(zip(feats[:3], projs[:3])), project(projs[3], feats[3]))
+            for feats in organ_features(levels, flags, list(items), dtype=vision.proj1.weight.dtype)
+        ]
 
     def attend(self, pooling, tokens, normal4, o):
         return pool_organ(pooling, self._query(pooling, o), tokens.shared, tokens.level4, normal4)

@@ -145,7 +145,7 @@ class ViSDModel(nn.Module):
         """Unnormalised embeddings ``(N, E)`` of the (window, organ) ``items``, with the tokens,
         normality outputs and attention outputs behind them; one normality call for all items."""
         path = self._image_path
-        tokens = [path.organ_tokens(self.vision, levels, flags, b, o) for b, o in items]
+        tokens = path.organ_tokens(self.vision, levels, flags, list(items))
         organs = [o for _, o in items]
         normal = self.normality([t.level4 for t in tokens], organs, fused_attention=path.fused_attention)
         attention = [path.attend(self.pooling, t, n.reconstruction, o) for t, n, o in zip(tokens, normal, organs)]

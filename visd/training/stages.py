@@ -240,7 +240,7 @@ class StageObjective(nn.Module):
         with torch.no_grad():  # the vision encoder is frozen in this stage
             levels = path.levels(model.vision, batch.image)
             flags = organ_token_flags(mask, n_organs)
-            tokens = [path.organ_tokens(model.vision, levels, flags, b, o).level4 for b, o in items]
+            tokens = [t.level4 for t in path.organ_tokens(model.vision, levels, flags, items)]
         # one quantiser call: one EMA update per step (train mode), summed over processes
         outs = normality(tokens, [o for _, o in items], fused_attention=path.fused_attention)
         recon_sum, commit_sum = zero, zero
