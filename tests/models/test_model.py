@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -152,3 +153,12 @@ def test_model_without_tokenizer_says_how_to_fix():
     model = ViSDModel(make_tiny_model().config, tokenizer=None)
     with pytest.raises(InputError, match="tokenizer"):
         model.encode_text(["x"])
+
+
+def test_retired_numerics_attributes_say_what_replaced_them(tiny_model):
+    """Setting an option of earlier releases would silently do nothing; it raises and names the replacement."""
+    before = tiny_model.numerics
+    for name, hint in (("official_numerics", "set_numerics('official')"), ("window_batch_size", "window_batch_size=")):
+        with pytest.raises(AttributeError, match=re.escape(hint)):
+            setattr(tiny_model, name, True)
+    assert tiny_model.numerics == before
