@@ -72,7 +72,7 @@ def main() -> None:
     end_to_end = time.perf_counter() - t
 
     phases = Phases()
-    path = model._image_path
+    path = model.image_path
     phases.wrap(volume, "organ_window", "organ windows (crop, pad)")
     phases.wrap(path, "levels", "backbone levels (other)")
     phases.wrap(fused, "_stem", "backbone: stem")
@@ -88,7 +88,7 @@ def main() -> None:
     total = sum(phases.seconds.values())
     print(f"mode {args.mode} ({model.numerics.describe()}), threads {torch.get_num_threads()}: end to end "
           f"{end_to_end:.2f} s, phased {total:.2f} s, max |p_phased - p| = {same:.1e}\n")
-    print(f"| phase | seconds | share | minor page faults |\n|---|---|---|---|")
+    print("| phase | seconds | share | minor page faults |\n|---|---|---|---|")
     for name in sorted(phases.seconds, key=phases.seconds.get, reverse=True):
         s = phases.seconds[name]
         print(f"| {name} | {s:.2f} | {s / total:.0%} | {phases.faults[name] / 1e3:.0f}k |")

@@ -204,9 +204,9 @@ def test_bf16_autocast_stays_close():
     previous = model.set_numerics("fused", autocast=torch.bfloat16)
     assert model.numerics.describe() == "fused-bf16"
     if fast._accumulates(torch.empty(0, dtype=torch.bfloat16)):  # oneDNN runs the folded backbone in bf16
-        assert model._image_path._native_bf16(image)
+        assert model.image_path._native_bf16(image)
         with torch.no_grad():
-            feats = model._image_path.levels(model.vision, image[None, None, :32, :64, :64])
+            feats = model.image_path.levels(model.vision, image[None, None, :32, :64, :64])
         assert all(f.dtype == torch.bfloat16 for f in feats)  # no autocast, no float32 copy of the maps
     got = _probs(model, image, mask)
     torch.testing.assert_close(got, base, rtol=0, atol=2e-2, equal_nan=True)
@@ -217,7 +217,7 @@ def test_bf16_autocast_stays_close():
 def test_folding_is_done_once_and_redone_when_the_weights_change():
     model = make_tiny_model()
     image, mask = phantom_volume()
-    path = model._image_path
+    path = model.image_path
     first = encode_volume(model, image, mask)
     folded = path._backbone[1]
     encode_volume(model, image, mask)

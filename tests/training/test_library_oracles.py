@@ -19,7 +19,7 @@ from open_clip.loss import ClipLoss
 from timm.utils import ModelEmaV3
 
 from visd.training.losses import anatomy_alignment_loss
-from visd.training.stages import _image_path, make_momentum, update_momentum
+from visd.training.stages import _image_modules, make_momentum, update_momentum
 
 from conftest import make_tiny_model
 
@@ -54,24 +54,24 @@ def test_clip_loss_is_the_hard_target_alignment_loss(dtype):
 def test_model_ema_v3_is_the_momentum_update():
     model = make_tiny_model(seed=2).train()
     momentum = make_momentum(model)
-    ema = ModelEmaV3(copy.deepcopy(_image_path(model)), decay=0.995, exclude_buffers=True, foreach=False)
+    ema = ModelEmaV3(copy.deepcopy(_image_modules(model)), decay=0.995, exclude_buffers=True, foreach=False)
     g = torch.Generator().manual_seed(3)
     for _ in range(5):
         with torch.no_grad():  # a training step's worth of change in parameters and BatchNorm statistics
-            for p in _image_path(model).parameters():
+            for p in _image_modules(model).parameters():
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
-            for name, buf in _image_path(model).named_buffers():
+            for name, buf in _image_modules(model).named_buffers():
                 if buf.is_floating_point():
                     buf.add_(0.1 * torch.rand(buf.shape, generator=g))
         update_momentum(model, momentum, 0.995)
-        ema.update(_image_path(model))
-    mine, theirs = dict(_image_path(momentum).named_parameters()), dict(ema.module.named_parameters())
-    online = dict(_image_path(model).named_parameters())
+        ema.update(_image_modules(model))
+    mine, theirs = dict(_image_modules(momentum).named_parameters()), dict(ema.module.named_parameters())
+    online = dict(_image_modules(model).named_parameters())
     assert mine.keys() == theirs.keys()
     moved = False
     for name, p in mine.items():
         torch.testing.assert_close(p, theirs[name], rtol=1e-6, atol=1e-6)  # lerp vs multiply-add rounding
         moved |= not torch.allclose(p, online[name])
     assert moved  # the momentum encoder lags the online one: the test compares an average, not a copy
-    for name, buf in _image_path(momentum).named_buffers():
+    for name, buf in _image_modules(momentum).named_buffers():
         torch.testing.assert_close(buf, dict(ema.module.named_buffers())[name], rtol=0, atol=0)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from visd.config import FindingLike, FindingSpec, as_findings
 from visd.inference.volume import encode_volume
+from visd.models.image_path import weights_fingerprint
 from visd.models.outputs import FindingScore, ZeroShotResult
 from visd.models.windows import Status
 
@@ -22,11 +23,6 @@ __all__ = ["clear_prompt_cache", "prompt_embeddings", "zero_shot_classify"]
 
 # model -> (weights fingerprint, {prompts: (P, E) embeddings}); entries go with their model
 _PROMPT_CACHE: "weakref.WeakKeyDictionary[Any, tuple[tuple, dict]]" = weakref.WeakKeyDictionary()
-
-
-def _text_fingerprint(model: Any) -> tuple:
-    """Changes whenever a weight of the text tower is replaced or modified in place."""
-    return tuple((p.data_ptr(), p._version, p.dtype) for p in model.text.parameters())
 
 
 def clear_prompt_cache() -> None:
@@ -40,7 +36,7 @@ def _encoded_prompts(model: Any, prompts: tuple[str, ...]) -> torch.Tensor:
     if model.text.training:
         with torch.no_grad():
             return model.encode_text(list(prompts))
-    key = _text_fingerprint(model)
+    key = weights_fingerprint(model.text)
     entry = _PROMPT_CACHE.get(model)
     if entry is None or entry[0] != key:
         entry = (key, {})

@@ -12,9 +12,8 @@ from typing import Any
 
 import torch
 
-from visd.errors import InputError
 from visd.inference.windows import OrganWindow, organ_window
-from visd.models.inputs import as_volume
+from visd.models.inputs import as_image_and_mask
 from visd.models.outputs import OrganDetail, OrganEmbeddings
 from visd.models.windows import Status
 
@@ -58,13 +57,7 @@ def encode_volume(
         window_batch_size: how many equal-shape windows share one backbone batch (more uses more
             memory; the result is the same).
     """
-    img = as_volume(image, "image", num_organs=None, device=model.device)
-    mask = as_volume(organ_mask, "organ_mask", num_organs=len(model.organs), device=model.device)
-    if img.shape != mask.shape:
-        raise InputError(
-            f"organ mask and image differ in shape: mask {tuple(mask.shape)}, image {tuple(img.shape)}. "
-            "Pass the label map that was computed on this CT."
-        )
+    img, mask = as_image_and_mask(image, organ_mask, num_organs=len(model.organs), device=model.device)
     names = tuple(organs) if organs is not None else model.organs
     dtype = model.temperature.dtype  # float32, or float64 for a model in float64 (exact reference runs)
     emb = torch.full((len(names), model.config.embed_dim), float("nan"), device=model.device, dtype=dtype)

@@ -68,5 +68,3 @@ def organ_window(
     win_image = pad_to_token_multiple(image[sl][None, None])
     win_mask = pad_to_token_multiple(win_mask[None, None])
     return OrganWindow(organ_index, tuple(start), tuple(size), win_image, win_mask)
-
-

@@ -38,7 +38,7 @@ from visd.kernels import segment_softmax_pool
 from visd.models.pooling import OrganPooling
 from visd.models.vision import ResNet3d
 
-__all__ = ["FoldedBackbone", "FoldedQuery", "fold_query", "organ_features", "pool_organ", "project"]
+__all__ = ["FoldedBackbone", "FoldedQuery", "fold_query", "inplace_convolutions", "organ_features", "pool_organ", "project"]
 
 
 def _fold(conv: torch.nn.Conv3d, bn: torch.nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,9 +52,8 @@ def _fold(conv: torch.nn.Conv3d, bn: torch.nn.BatchNorm3d) -> tuple[torch.Tensor
 
 def _conv_bn(folded: "FoldedBackbone", conv: torch.nn.Conv3d, x: torch.Tensor, fmt=torch.contiguous_format) -> torch.Tensor:
     """``bn(conv(x))`` as one convolution (folded weights) whose output has memory format ``fmt``."""
-    w, b = folded.weights(conv, fmt, x.dtype if not _cpu_autocast() else torch.float32)
-    x = x.contiguous(memory_format=fmt)
-    return F.conv3d(x, w.to(x.dtype), b.to(x.dtype), conv.stride, conv.padding, conv.dilation)
+    w, b = folded.weights(conv, fmt, x.dtype)  # under autocast, conv3d casts them as it casts x
+    return F.conv3d(x.contiguous(memory_format=fmt), w, b, conv.stride, conv.padding, conv.dilation)
 
 
 def _cpu_autocast() -> bool:
@@ -64,15 +63,21 @@ def _cpu_autocast() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
-def _accumulates(x: torch.Tensor) -> bool:
-    """Whether :func:`_conv_add_` can run: float32 or bfloat16 on a CPU with oneDNN, outside autocast."""
+def inplace_convolutions(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether :func:`_conv_add_` can run on tensors of ``device`` and ``dtype``: float32 or bfloat16
+    on a CPU with oneDNN, outside autocast."""
     return (
-        x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)
+        device.type == "cpu"
+        and dtype in (torch.float32, torch.bfloat16)
         and not _cpu_autocast()
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_convolution_pointwise_")
     )
+
+
+def _accumulates(x: torch.Tensor) -> bool:
+    """:func:`inplace_convolutions` for ``x``."""
+    return inplace_convolutions(x.device, x.dtype)
 
 
 def _conv_add_(
@@ -199,7 +204,7 @@ def _stem(folded: "FoldedBackbone", x: torch.Tensor, fmt=torch.contiguous_format
     kd, pd = conv.kernel_size[0], conv.padding[0]
     if conv.stride[0] != 1 or kd != 2 * pd + 1 or x.device.type != "cpu":
         return F.max_pool3d(_conv_bn(folded, conv, x, fmt=fmt), 3, 2, 1).relu_().contiguous(memory_format=fmt)
-    weight, bias = folded.weights(conv, torch.contiguous_format, x.dtype if in_place else torch.float32)
+    weight, bias = folded.weights(conv, torch.contiguous_format, x.dtype)
     n = x.shape[2]
     h, w = _out_size(conv, x.shape[2:])[1:]
     out_d, out_h, out_w = (n - 1) // 2 + 1, (h - 1) // 2 + 1, (w - 1) // 2 + 1

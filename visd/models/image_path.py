@@ -22,12 +22,21 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from visd.models.fused import FoldedBackbone, _accumulates, FoldedQuery, SharedPart, fold_query, organ_features, pool_organ, project
+from visd.models.fused import (
+    FoldedBackbone,
+    FoldedQuery,
+    SharedPart,
+    fold_query,
+    inplace_convolutions,
+    organ_features,
+    pool_organ,
+    project,
+)
 from visd.models.numerics import Numerics
 from visd.models.pooling import OrganPooling
 from visd.models.vision import VisionEncoder
 
-__all__ = ["FusedPath", "ImagePath", "OfficialPath", "OrganTokens", "image_path"]
+__all__ = ["FusedPath", "ImagePath", "OfficialPath", "OrganTokens", "image_path", "weights_fingerprint"]
 
 
 @dataclass
@@ -83,8 +92,9 @@ class OfficialPath(ImagePath):
         return pooling.attend(torch.cat([other, tokens.level4], 0), torch.cat([other, normal4], 0), o)
 
 
-def _fingerprint(*modules: nn.Module) -> tuple:
-    """Changes whenever a parameter or buffer of ``modules`` is replaced or modified in place."""
+def weights_fingerprint(*modules: nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer of ``modules`` is replaced, modified in place or cast
+    (data pointer, autograd version counter, dtype): the key of anything computed from the weights."""
     tensors = itertools.chain.from_iterable(itertools.chain(m.parameters(), m.buffers()) for m in modules)
     return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
 
@@ -118,7 +128,7 @@ class FusedPath(ImagePath):
                 feats = vision.backbone(images)
             return [f.to(dtype) for f in feats] if self.numerics.autocast is not None else feats
         with torch.no_grad():
-            key = _fingerprint(vision.backbone)
+            key = weights_fingerprint(vision.backbone)
             if self._backbone is None or self._backbone[0] != key:
                 self._backbone = (key, FoldedBackbone(vision.backbone))
             folded = self._backbone[1]
@@ -132,11 +142,12 @@ class FusedPath(ImagePath):
         return [f.to(dtype) for f in feats]
 
     def _native_bf16(self, images: torch.Tensor) -> bool:
-        """bf16 numerics on a CPU whose oneDNN runs the folded backbone in bfloat16 (see :func:`fused._accumulates`)."""
+        """bf16 numerics on a CPU whose oneDNN runs the folded backbone in bfloat16 (see
+        :func:`fused.inplace_convolutions`)."""
         return (
             self.numerics.autocast == torch.bfloat16
             and self.numerics.channels_last
-            and _accumulates(torch.empty(0, dtype=torch.bfloat16, device=images.device))
+            and inplace_convolutions(images.device, torch.bfloat16)
         )
 
     def organ_tokens(self, vision, levels, flags, items):
@@ -152,7 +163,7 @@ class FusedPath(ImagePath):
     def _query(self, pooling: OrganPooling, o: int) -> FoldedQuery:
         if torch.is_grad_enabled():
             return fold_query(pooling, o)
-        key = _fingerprint(pooling)
+        key = weights_fingerprint(pooling)
         if self._queries is None or self._queries[0] != key:
             self._queries = (key, {})
         cache = self._queries[1]

@@ -11,7 +11,7 @@ import torch
 from visd.errors import InputError
 from visd.models.vision import TOKEN_MULTIPLE
 
-__all__ = ["as_volume", "check_window_shape"]
+__all__ = ["as_image_and_mask", "as_volume", "check_window_shape"]
 
 
 def as_volume(x: Any, name: str, *, num_organs: int | None, device: torch.device) -> torch.Tensor:
@@ -48,6 +48,20 @@ def as_volume(x: Any, name: str, *, num_organs: int | None, device: torch.device
             "one per organ of the model. Map the label map with visd.data first."
         )
     return t.to(device=device, dtype=torch.uint8)  # labels are small: keep large masks light
+
+
+def as_image_and_mask(
+    image: Any, organ_mask: Any, *, num_organs: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A preprocessed image and its organ label map, each checked by :func:`as_volume`, of one shape."""
+    img = as_volume(image, "image", num_organs=None, device=device)
+    mask = as_volume(organ_mask, "organ_mask", num_organs=num_organs, device=device)
+    if img.shape != mask.shape:
+        raise InputError(
+            f"organ mask and image differ in shape: mask {tuple(mask.shape)}, image {tuple(img.shape)}. "
+            "Pass the label map that was computed on this CT."
+        )
+    return img, mask
 
 
 def check_window_shape(shape: Sequence[int]) -> None:

@@ -13,8 +13,8 @@ from torch import nn
 
 from visd.config import ViSDConfig
 from visd.errors import InputError, did_you_mean
-from visd.models.image_path import OrganTokens, image_path
-from visd.models.inputs import as_volume, check_window_shape
+from visd.models.image_path import ImagePath, OrganTokens, image_path
+from visd.models.inputs import as_image_and_mask, check_window_shape
 from visd.models.normality import NormalityModel, NormalityOutput
 from visd.models.numerics import Numerics
 from visd.models.outputs import OrganDetail, OrganEmbeddings, ViSDOutput, ZeroShotResult
@@ -73,6 +73,12 @@ class ViSDModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.temperature.device
+
+    @property
+    def image_path(self) -> ImagePath:
+        """The algebra the numerics chose (:mod:`visd.models.image_path`); the training stages read organ
+        tokens through it."""
+        return self._image_path
 
     @property
     def numerics(self) -> Numerics:
@@ -233,10 +239,7 @@ class ViSDModel(nn.Module):
             organ_mask: ``(D, H, W)`` organ labels of the window.
             organs: organs to embed (default: all of the model's).
         """
-        img = as_volume(image, "image", num_organs=None, device=self.device)
-        mask = as_volume(organ_mask, "organ_mask", num_organs=len(self.organs), device=self.device)
-        if img.shape != mask.shape:
-            raise InputError(f"image and organ_mask differ in shape: image {tuple(img.shape)}, mask {tuple(mask.shape)}")
+        img, mask = as_image_and_mask(image, organ_mask, num_organs=len(self.organs), device=self.device)
         check_window_shape(img.shape)
         names = tuple(organs) if organs is not None else self.organs
         indices = [self.organ_index(n) for n in names]

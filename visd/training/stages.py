@@ -123,7 +123,7 @@ def set_train_modes(model: ViSDModel, stage: StageConfig, batchnorm: str = "batc
 
 
 # -- momentum encoder ------------------------------------------------------------------------------
-def _image_path(model: ViSDModel) -> nn.ModuleDict:
+def _image_modules(model: ViSDModel) -> nn.ModuleDict:
     return nn.ModuleDict({"vision": model.vision, "normality": model.normality, "pooling": model.pooling})
 
 
@@ -141,7 +141,7 @@ def make_momentum(model: ViSDModel) -> ViSDModel:
 
 def update_momentum(model: ViSDModel, momentum: ViSDModel, m: float) -> None:
     """``p_m <- m p_m + (1 - m) p``, buffers copied, over the image path."""
-    momentum_update(_image_path(model), _image_path(momentum), m)
+    momentum_update(_image_modules(model), _image_modules(momentum), m)
 
 
 @torch.no_grad()
@@ -236,7 +236,7 @@ class StageObjective(nn.Module):
         zero = batch.image.new_zeros(()).float()
         if n_global == 0:  # the same decision on every process: no quantiser call, no codebook update
             return StageLoss(zero, {"loss": zero, "normality": zero}, usage)
-        path = model._image_path
+        path = model.image_path
         with torch.no_grad():  # the vision encoder is frozen in this stage
             levels = path.levels(model.vision, batch.image)
             flags = organ_token_flags(mask, n_organs)

@@ -97,6 +97,7 @@ def _journaled(paths: Sequence[Path]) -> tuple[str | None, dict[str, str]]:
 
 def run_sharded(args, inputs: list, masks: list, scan_ids: list[str] | None, segment_dir: Any) -> int:
     """``visd diagnose`` as one rank of a torchrun job (or alone, resuming a sharded run)."""
+    import torch
     import torch.distributed as dist
 
     from visd._distributed import join_process_group
@@ -108,8 +109,6 @@ def run_sharded(args, inputs: list, masks: list, scan_ids: list[str] | None, seg
     from .findings import load_findings
     from .pipeline import _check_ids, diagnose, scan_ids_for
     from .report import DiagnosisReport
-
-    import torch
 
     local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
     if torch.cuda.is_available() and local >= gpus:
