@@ -737,7 +737,7 @@ def hf_subprocess_env(
 @pytest.fixture
 def loopback_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[LoopbackHub]:
     """A started :class:`LoopbackHub` with huggingface_hub pointed at it and its default cache in
-    ``tmp_path / "hf-cache"``. Import it into a test module to use it: ``from hub_server import loopback_hub``.
+    ``tmp_path / "hf-cache"``. Import it into a test module to use it: ``from tests.hub_server import loopback_hub``.
     """
     with LoopbackHub() as hub:
         use_loopback_hub(monkeypatch, hub, cache_dir=tmp_path / "hf-cache")

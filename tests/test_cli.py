@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from conftest import OFFICIAL
+from tests.conftest import OFFICIAL
 from visd import ViSDModel
 
 

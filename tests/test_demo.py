@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from conftest import DATA, make_tiny_model, save_in_cache
-from printed_table import assert_table_is_the_csv, parse_table
+from tests.conftest import DATA, make_tiny_model, save_in_cache
+from tests.printed_table import assert_table_is_the_csv, parse_table
 
 
 def _reference(model, ct, labels):

@@ -11,7 +11,7 @@ import pytest
 
 import torch
 
-from conftest import DATA, OFFICIAL, make_tiny_model, save_in_cache
+from tests.conftest import DATA, OFFICIAL, make_tiny_model, save_in_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"

@@ -19,7 +19,7 @@ from huggingface_hub.errors import (
 )
 from safetensors.torch import load_file, save_file
 
-from hub_server import LoopbackHub, force_hf_offline, hf_subprocess_env, loopback_hub  # noqa: F401  (fixture)
+from tests.hub_server import LoopbackHub, force_hf_offline, hf_subprocess_env, loopback_hub  # noqa: F401  (fixture)
 
 REPO = "visd-test/tiny"
 HELLO_GIT_BLOB_ID = "ce013625030ba8dba906f756967f9e9ca394464a"  # `printf 'hello\n' | git hash-object --stdin`

@@ -6,7 +6,7 @@ from huggingface_hub import EvalResult, ModelCard
 
 from visd.model_card import BASE_MODEL, CITATION, TRAINING_DATASET, model_card
 
-from conftest import make_tiny_model, tiny_config
+from tests.conftest import make_tiny_model, tiny_config
 
 
 def test_saved_card_metadata_reads_back(tmp_path):

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 
-from conftest import DATA
+from tests.conftest import DATA
 from visd.cli import main
 
 CT, SEG = DATA / "abdomen_3mm.nii.gz", DATA / "abdomen_3mm_totalseg.nii.gz"

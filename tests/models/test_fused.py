@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny_model, phantom_volume, tiny_config
+from tests.conftest import make_tiny_model, phantom_volume, tiny_config
 from visd.inference import encode_volume, window_batches, zero_shot_classify
 from visd.models import fused as fast
 from visd.models.fused import FoldedBackbone, _conv_bn, fold_query, pool_organ, project

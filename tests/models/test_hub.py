@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import make_tiny_model, phantom_volume
+from tests.conftest import make_tiny_model, phantom_volume
 from visd import CheckpointMismatchError, ConfigError, ViSDModel, WeightsNotFoundError
 
 

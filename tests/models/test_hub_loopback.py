@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny_model, phantom_volume
-from hub_server import force_hf_offline, loopback_hub  # noqa: F401
+from tests.conftest import make_tiny_model, phantom_volume
+from tests.hub_server import force_hf_offline, loopback_hub  # noqa: F401
 from visd import ViSDModel, WeightsNotFoundError
 
 

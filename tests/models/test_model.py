@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_model, phantom_volume
+from tests.conftest import make_tiny_model, phantom_volume
 from visd import InputError, ViSDModel
 from visd.config import FindingSpec
 from visd.models.inputs import as_volume

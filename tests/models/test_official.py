@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DATA, OFFICIAL, load_gen_weights
+from tests.conftest import DATA, OFFICIAL, load_gen_weights
 from visd import CheckpointMismatchError, ViSDModel, WeightsNotFoundError
 from visd.models.official import convert_official_state_dict, official_keys, read_official_checkpoints
 from visd.models.vision import organ_token_flags

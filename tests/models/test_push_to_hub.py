@@ -13,8 +13,8 @@ from huggingface_hub.errors import RepositoryNotFoundError
 from visd.errors import HubAuthError
 from safetensors.torch import load
 
-from conftest import make_tiny_model, phantom_volume
-from hub_server import LoopbackHub, loopback_hub  # noqa: F401  (fixture)
+from tests.conftest import make_tiny_model, phantom_volume
+from tests.hub_server import LoopbackHub, loopback_hub  # noqa: F401  (fixture)
 from visd import ViSDModel
 
 REPO = "visd-org/pushed"

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import OFFICIAL, load_gen_weights, tiny_config
-from hub_server import LoopbackHub, use_loopback_hub
-from release_server import LoopbackRelease
+from tests.conftest import OFFICIAL, load_gen_weights, tiny_config
+from tests.hub_server import LoopbackHub, use_loopback_hub
+from tests.release_server import LoopbackRelease
 
 TINY_NAME = "visd-tiny-release"
 TEXT_REPO = "visd-test/tiny-cxr-bert"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 import visd.pretrained as pretrained
-from test_docs import python_blocks, run_blocks
+from tests.test_docs import python_blocks, run_blocks
 
 
 def test_getting_a_model(release_site, monkeypatch, tmp_path):

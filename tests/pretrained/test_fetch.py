@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import visd.pretrained as pretrained
-from conftest import OFFICIAL, make_tiny_model
-from hub_server import force_hf_offline
-from pretrained.conftest import RELEASE_PATH, TINY_NAME, tiny_release_config
+from tests.conftest import OFFICIAL, make_tiny_model
+from tests.hub_server import force_hf_offline
+from tests.pretrained.conftest import RELEASE_PATH, TINY_NAME, tiny_release_config
 from visd import CheckpointMismatchError, ViSDModel, WeightsNotFoundError
 from visd.config import ViSDConfig
 from visd.models.official import text_config_from_bert

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import DATA, make_tiny_model
+from tests.conftest import DATA, make_tiny_model
 
 CT = DATA / "abdomen_3mm.nii.gz"
 SEG = DATA / "abdomen_3mm_totalseg.nii.gz"

@@ -8,7 +8,7 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import make_tiny_model, save_in_cache
+from tests.conftest import make_tiny_model, save_in_cache
 from visd.cli import main
 from visd.retrieval import ScanIndex, search
 

@@ -6,7 +6,7 @@ import re
 import shutil
 from pathlib import Path
 
-from conftest import make_tiny_model, save_in_cache
+from tests.conftest import make_tiny_model, save_in_cache
 
 from .conftest import CT, SEG
 

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import DATA, OFFICIAL, tiny_config
+from tests.conftest import DATA, OFFICIAL, tiny_config
 
 REPO = DATA.parent.parent
 ORGANS = ("lung", "heart", "esophagus", "aorta")

@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 import yaml
-from conftest import DATA, OFFICIAL
+from tests.conftest import DATA, OFFICIAL
 
 from visd.cli import build_parser, main
 from visd.training.logs import read_metrics

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DATA, tiny_config
+from tests.conftest import DATA, tiny_config
 
 from visd.errors import InputError
 from visd.training.augment import augment, pad_to_roi, random_crop, random_flip, view_rng
@@ -180,7 +180,7 @@ def test_dataset_views_cover_the_roi(tmp_path, real_record):
 
 
 def test_collate_tokenises_like_the_model():
-    from conftest import make_tiny_model
+    from tests.conftest import make_tiny_model
 
     model = make_tiny_model()
     texts = [["Emphysema.", "heart shows no significant abnormalities.", "x", "y"], ["a b", "c", "d", "e"]]

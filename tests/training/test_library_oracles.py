@@ -21,7 +21,7 @@ from timm.utils import ModelEmaV3
 from visd.training.losses import anatomy_alignment_loss
 from visd.training.stages import _image_modules, make_momentum, update_momentum
 
-from conftest import make_tiny_model
+from tests.conftest import make_tiny_model
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_model, tiny_config
+from tests.conftest import make_tiny_model, tiny_config
 
 from visd.training.config import StageConfig
 from visd.training.reports import normal_sentence

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_model, tiny_config
+from tests.conftest import make_tiny_model, tiny_config
 
 from visd.errors import InputError
 from visd.models.windows import window_status

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DATA, make_tiny_model
+from tests.conftest import DATA, make_tiny_model
 
 CT = DATA / "abdomen_3mm.nii.gz"
 SEG = DATA / "abdomen_3mm_totalseg.nii.gz"

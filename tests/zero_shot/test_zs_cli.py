@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data_io._helpers import write_dicom_series
+from tests.data_io._helpers import write_dicom_series
 from visd.cli import main
 from visd.evaluation import load_embeddings
 

@@ -16,7 +16,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from data_io._helpers import write_dicom_series
+from tests.data_io._helpers import write_dicom_series
 from visd.cli import main
 from visd.data import read_ct
 from visd.data.dicom import LPS_TO_RAS

@@ -16,7 +16,7 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "diagnosis.md"
 
 
 def test_docs_examples_run(tmp_path, monkeypatch, model):
-    from conftest import save_in_cache
+    from tests.conftest import save_in_cache
     from visd.pretrained import DEFAULT_MODEL
 
     text = DOC.read_text()

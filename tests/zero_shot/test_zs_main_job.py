@@ -12,8 +12,8 @@ import sys
 import numpy as np
 import pandas as pd
 
-from conftest import make_tiny_model, save_in_cache
-from printed_table import assert_table_is_the_csv, parse_table
+from tests.conftest import make_tiny_model, save_in_cache
+from tests.printed_table import assert_table_is_the_csv, parse_table
 
 from .conftest import CT, SEG
 

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from data_io._helpers import write_dicom_series
+from tests.data_io._helpers import write_dicom_series
 from visd.data import read_ct, read_organ_mask
 from visd.data.segment import totalsegmentator_classes
 from visd.errors import InputError

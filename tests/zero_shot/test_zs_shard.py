@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from printed_table import assert_table_is_the_csv, parse_table
+from tests.printed_table import assert_table_is_the_csv, parse_table
 from visd.evaluation import load_embeddings
 from visd.zero_shot.shard import _size, rank_journals, shares
 
