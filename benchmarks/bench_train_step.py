@@ -22,6 +22,7 @@ import torch
 from _common import full_size_model, peak_gpu_gb, peak_rss_gb, record, timed, window_inputs
 from visd.training.config import StageConfig
 from visd.training.data import Batch
+from visd.training.engine import make_optimizer
 from visd.training.stages import StageObjective, configure_trainable, make_momentum, momentum_keys, set_train_modes, update_momentum
 
 
@@ -43,7 +44,7 @@ def main() -> None:
     ap.add_argument("--stage", default="alignment", choices=["alignment", "disease", "normality"])
     ap.add_argument("--numerics", default="fused", choices=["official", "fused"])
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--no-channels-last", action="store_true", help="fused numerics without channels-last input")
+    ap.add_argument("--no-channels-last", action="store_true", help="fused numerics with the backbone in the contiguous layout (see visd.models.fused.channels_last_features)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     model = full_size_model(args.device)
@@ -56,7 +57,7 @@ def main() -> None:
     params = configure_trainable(model, stage)
     momentum = make_momentum(model) if args.stage == "disease" else None
     objective = StageObjective(model, stage)
-    optimizer = torch.optim.AdamW(params, lr=stage.lr)
+    optimizer = make_optimizer(model, params, stage)  # as visd train builds it
     batch = make_batch(model, stage.views, args.device)
 
     def step():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -45,6 +47,50 @@ def test_backbone_features_match_module_forward(layers, batch):
             got = backbone_features(model.vision.backbone, x, channels_last=channels_last)
             for a, b in zip(got, expected):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _train_step_of(backbone, run, x):
+    backbone = copy.deepcopy(backbone).to(x.dtype).train()
+    feats = run(backbone, x)
+    weights = [torch.linspace(-1, 1, f.shape[1], dtype=x.dtype).view(1, -1, 1, 1, 1) for f in feats]
+    sum(((f * w) ** 2).mean() for f, w in zip(feats, weights)).backward()
+    grads = {n: p.grad for n, p in backbone.named_parameters()}
+    return feats, grads, {n: b.clone() for n, b in backbone.named_buffers()}
+
+
+def test_channels_last_features_are_the_modules_train_step(generator):
+    """Train mode with autograd: the channels-last computation (the stem's ReLU after its max pooling)
+    gives the module's stage outputs, gradients and BatchNorm statistics, and runs channels-last.
+
+    float64 (no oneDNN: the same kernels in both) checks the algebra to 1e-10, with two of the stem's
+    channels made to hit the cases where the order of ReLU and max pooling could matter: one negative
+    everywhere (no gradient either way) and one constant and positive (all ties). float32 checks the
+    layout and the outputs; its gradients differ where rounding moves a pre-activation across zero
+    (one ReLU more or less lets one position's gradient through), which the stage tests allow for.
+    """
+    model = make_tiny_model(vision=tiny_config().vision.model_copy(update={"layers": (2, 2, 2, 2)}))
+    backbone = model.vision.backbone
+    with torch.no_grad():
+        backbone.bn1.bias[0] = -100.0
+        backbone.bn1.weight[1], backbone.bn1.bias[1] = 0.0, 1.0
+    x = torch.rand(2, 1, 32, 64, 64, generator=generator, dtype=torch.float64)
+    module = _train_step_of(backbone, lambda b, t: b(t), x)
+    channels_last = _train_step_of(backbone, fast.channels_last_features, x)
+    assert module[1]["bn1.weight"][0] == 0 and module[1]["bn1.bias"][0] == 0  # the negative channel
+    assert module[1]["bn1.bias"][1] != 0  # the constant channel passes gradient through its ties
+    for got, expected in zip(channels_last, module):
+        got, expected = (got, expected) if isinstance(got, list) else (list(got.values()), list(expected.values()))
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+    x = x.float()
+    feats = fast.channels_last_features(copy.deepcopy(backbone).train(), x)
+    with torch.no_grad():
+        expected = copy.deepcopy(backbone).train()(x)
+    if torch.backends.mkldnn.is_available():
+        assert all(f.is_contiguous(memory_format=torch.channels_last_3d) and not f.is_contiguous() for f in feats)
+    for a, b in zip(feats, expected):  # BatchNorm outputs: unit scale
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")

@@ -97,7 +97,8 @@ class ViSDModel(nn.Module):
                 (e.g. the one an earlier call returned, to restore it).
             autocast: ``torch.bfloat16`` (or ``torch.float16``) runs the fused backbone under
                 autocast: faster where the hardware has it, about 1e-2 on probabilities.
-            channels_last: the fused backbone's residual stages in channels-last 3D.
+            channels_last: the fused backbone in channels-last 3D (inference: its residual stages;
+                training: all of it).
         """
         numerics = mode if isinstance(mode, Numerics) else Numerics(mode, autocast, channels_last)
         previous = getattr(self, "_image_path", None)

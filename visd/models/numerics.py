@@ -28,7 +28,8 @@ class Numerics:
         mode: one of :data:`NUMERICS_MODES`.
         autocast: ``torch.bfloat16`` or ``torch.float16`` to run the fused backbone under autocast
             (not exact: about 1e-2 on probabilities), or None (float32).
-        channels_last: run the fused backbone's residual stages in the channels-last 3D format.
+        channels_last: run the fused backbone in the channels-last 3D format (inference: its residual
+            stages; training: all of it).
     """
 
     mode: str = "fused"

@@ -78,7 +78,10 @@ class ResNet3d(nn.Module):
             self.add_module(f"layer{i + 1}", nn.Sequential(*layer))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.stages(self.maxpool(self.relu(self.bn1(self.conv1(x)))))
+
+    def stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The outputs of the four residual stages for the stem's output ``x``."""
         feats = []
         for name in ("layer1", "layer2", "layer3", "layer4"):
             layer = getattr(self, name)

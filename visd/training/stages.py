@@ -15,9 +15,9 @@
   over the normal organs of the global batch. All normal organs of a step are quantised in one call,
   so the EMA codebook gets exactly one update per step (summed over processes by the quantiser).
 
-:class:`StageObjective` is the module the engine wraps in DDP. Every trainable parameter joins the
-loss with weight zero, so each one gets a gradient on every process and DDP needs no unused-parameter
-search.
+:class:`StageObjective` is the module the engine wraps in DDP. Every trainable parameter that the
+step's loss does not reach joins it with weight zero, so each one gets a gradient on every process and
+DDP needs no unused-parameter search.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ __all__ = [
     "make_momentum",
     "update_momentum",
     "momentum_keys",
+    "unreached_parameters",
 ]
 
 TEMPERATURE_RANGE = (0.001, 0.5)
@@ -158,6 +159,24 @@ def momentum_keys(model: ViSDModel, momentum: ViSDModel, batch: Batch) -> tuple[
 
 
 # -- the objectives ---------------------------------------------------------------------------------
+def unreached_parameters(loss: torch.Tensor, params: list[nn.Parameter]) -> list[nn.Parameter]:
+    """The ``params`` that the autograd graph of ``loss`` does not reach (all of them when ``loss``
+    has no graph)."""
+    reached: set[int] = set()
+    seen: set[torch.autograd.graph.Node] = set()
+    stack = [loss.grad_fn] if loss.grad_fn is not None else []
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node holds its leaf
+        if variable is not None:
+            reached.add(id(variable))
+        stack.extend(child for child, _ in node.next_functions if child is not None)
+    return [p for p in params if id(p) not in reached]
+
+
 class StageObjective(nn.Module):
     """The loss of one stage as a module (the unit DDP wraps).
 
@@ -170,8 +189,12 @@ class StageObjective(nn.Module):
         self.model = model
         self.stage = stage
 
-    def _anchor(self) -> torch.Tensor:
-        params = [p for p in self.model.parameters() if p.requires_grad]
+    def _anchor(self, loss: torch.Tensor) -> torch.Tensor:
+        """Zero times the trainable parameters that ``loss`` does not reach (an organ absent from the
+        batch leaves its own parameters out, a step with no organ all of them), so that every one gets a
+        gradient. Only those: anchoring a parameter the loss reaches too would cost a zero-filled
+        gradient and an addition of its size (0.6 s of a 7.8 s step with the full-size model)."""
+        params = unreached_parameters(loss, [p for p in self.model.parameters() if p.requires_grad])
         return sum((p.reshape(-1)[:1].sum() for p in params), torch.zeros((), device=self.model.device)) * 0.0
 
     def forward(
@@ -181,7 +204,7 @@ class StageObjective(nn.Module):
             out = self._normality(batch)
         else:
             out = self._contrastive(batch, keys, key_status)
-        out.loss = out.loss + self._anchor()
+        out.loss = out.loss + self._anchor(out.loss)
         return out
 
     def _contrastive(self, batch: Batch, keys: torch.Tensor | None, key_status: torch.Tensor | None) -> StageLoss:
