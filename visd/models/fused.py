@@ -38,7 +38,7 @@ from visd.kernels import segment_softmax_pool
 from visd.models.pooling import OrganPooling
 from visd.models.vision import ResNet3d
 
-__all__ = ["FoldedBackbone", "FoldedQuery", "channels_last_features", "fold_query", "inplace_convolutions", "organ_features", "pool_organ", "project"]
+__all__ = ["FoldedBackbone", "FoldedQuery", "channels_last_features", "cpu_autocast_dtype", "fold_query", "inplace_convolutions", "organ_features", "pool_organ", "project"]
 
 
 def _fold(conv: torch.nn.Conv3d, bn: torch.nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,11 +56,13 @@ def _conv_bn(folded: "FoldedBackbone", conv: torch.nn.Conv3d, x: torch.Tensor, f
     return F.conv3d(x.contiguous(memory_format=fmt), w, b, conv.stride, conv.padding, conv.dilation)
 
 
-def _cpu_autocast() -> bool:
+def cpu_autocast_dtype() -> torch.dtype | None:
+    """The dtype of the CPU autocast in force (a training stage's ``precision: bf16``), or None."""
     try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_cpu_enabled()
+        enabled, dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+    except (TypeError, AttributeError):  # torch < 2.4
+        enabled, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+    return dtype if enabled else None
 
 
 def inplace_convolutions(device: torch.device, dtype: torch.dtype) -> bool:
@@ -69,7 +71,7 @@ def inplace_convolutions(device: torch.device, dtype: torch.dtype) -> bool:
     return (
         device.type == "cpu"
         and dtype in (torch.float32, torch.bfloat16)
-        and not _cpu_autocast()
+        and cpu_autocast_dtype() is None
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_convolution_pointwise_")
     )
@@ -317,7 +319,7 @@ def channels_last_features(backbone: ResNet3d, image: torch.Tensor) -> list[torc
     first maximum when that is positive, and give zero otherwise).
     """
     conv = backbone.conv1
-    dtype = torch.get_autocast_dtype("cpu") if _cpu_autocast() else image.dtype
+    dtype = cpu_autocast_dtype() or image.dtype
     kd, pd = conv.kernel_size[0], conv.padding[0]
     if image.device.type == "cpu" and dtype == torch.bfloat16 and conv.stride[0] == 1 and kd == 2 * pd + 1:
         # bf16 on the CPU: as a 2D convolution over the depth taps (_stem_conv), 2x faster forward and
@@ -328,12 +330,10 @@ def channels_last_features(backbone: ResNet3d, image: torch.Tensor) -> list[torc
         weight = conv.weight.to(memory_format=torch.channels_last_3d)
         x = F.conv3d(image, weight, conv.bias, conv.stride, conv.padding, conv.dilation)
     x = backbone.bn1(x)
-    if _cpu_autocast():
-        # CPU autocast pools in float32, through a float32 copy of the largest activation: pool in its
-        # own dtype (max is exact in any) and convert the 8x smaller result, the same values
-        with torch.autocast("cpu", enabled=False):
-            x = backbone.maxpool(x).float()
-    else:
+    # CPU autocast would pool in float32, through a float32 copy of the largest activation, and make
+    # the residual stream float32 (a cast before every convolution): pool in the activation's dtype,
+    # as CUDA autocast does (max is exact in any dtype)
+    with torch.autocast("cpu", enabled=False):
         x = backbone.maxpool(x)
     return backbone.stages(backbone.relu(x))
 

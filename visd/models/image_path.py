@@ -27,6 +27,7 @@ from visd.models.fused import (
     FoldedQuery,
     SharedPart,
     channels_last_features,
+    cpu_autocast_dtype,
     fold_query,
     inplace_convolutions,
     organ_features,
@@ -140,19 +141,21 @@ class FusedPath(ImagePath):
                 # the folded backbone in bfloat16 throughout, without autocast: it keeps the reused-memory
                 # convolutions of float32, which autocast's casts and fresh outputs would cost; the maps
                 # stay bfloat16 and only the organs' rows are converted (organ_tokens)
-                return folded(images.to(torch.bfloat16), channels_last=self.numerics.channels_last)
+                with torch.autocast("cpu", enabled=False):
+                    return folded(images.to(torch.bfloat16), channels_last=True)
             with self._autocast(images.device):
                 feats = folded(images, channels_last=self.numerics.channels_last)
         return [f.to(dtype) for f in feats]
 
     def _native_bf16(self, images: torch.Tensor) -> bool:
-        """bf16 numerics on a CPU whose oneDNN runs the folded backbone in bfloat16 (see
-        :func:`fused.inplace_convolutions`)."""
-        return (
-            self.numerics.autocast == torch.bfloat16
-            and self.numerics.channels_last
-            and inplace_convolutions(images.device, torch.bfloat16)
-        )
+        """bf16 asked for, by these numerics or by a CPU autocast the caller entered (a frozen backbone
+        in a training stage with ``precision: bf16``), on a CPU whose oneDNN runs the folded backbone
+        in bfloat16 (see :func:`fused.inplace_convolutions`)."""
+        asked = torch.bfloat16 in (self.numerics.autocast, cpu_autocast_dtype())
+        if not (asked and self.numerics.channels_last and images.device.type == "cpu"):
+            return False
+        with torch.autocast("cpu", enabled=False):
+            return inplace_convolutions(images.device, torch.bfloat16)
 
     def organ_tokens(self, vision, levels, flags, items):
         projs = vision.projections()
