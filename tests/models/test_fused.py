@@ -260,6 +260,24 @@ def test_bf16_autocast_stays_close():
     assert model.numerics.describe() == "fused"
 
 
+@pytest.mark.skipif(not fast.inplace_convolutions(torch.device("cpu"), torch.bfloat16), reason="needs oneDNN")
+def test_a_frozen_backbone_under_a_bf16_autocast_runs_the_native_bf16_backbone():
+    """A training stage with ``precision: bf16`` that freezes the backbone (the normality stage) gets
+    the native bf16 folded backbone of the fused-bf16 numerics, not autocast's float32 copies."""
+    model = make_tiny_model().eval()
+    image = phantom_volume()[0][None, None, :32, :64, :64]
+    with torch.no_grad():
+        model.set_numerics("fused", autocast=torch.bfloat16)
+        native = model.image_path.levels(model.vision, image)
+        model.set_numerics("fused")
+        float32 = model.image_path.levels(model.vision, image)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ambient = model.image_path.levels(model.vision, image)
+    assert all(f.dtype == torch.float32 for f in float32)
+    for a, b in zip(ambient, native):  # the same computation: the same bits
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b)
+
+
 def test_folding_is_done_once_and_redone_when_the_weights_change():
     model = make_tiny_model()
     image, mask = phantom_volume()

@@ -19,6 +19,7 @@ from visd.training.stages import (
     make_momentum,
     momentum_keys,
     set_train_modes,
+    unreached_parameters,
     update_momentum,
 )
 
@@ -257,3 +258,37 @@ def test_fused_and_official_loss_sequences_agree(objectives):
     assert fused[0] == pytest.approx(official[0], rel=1e-5)
     assert fused == pytest.approx(official, rel=1e-3)
     assert fused[-1] != fused[0]  # the steps changed the model
+
+
+def test_unreached_parameters_known_answer():
+    used, unused, frozen_path = (torch.nn.Parameter(torch.ones(3)) for _ in range(3))
+    loss = (used * 2).sum() + (frozen_path.detach() * 3).sum()
+    assert unreached_parameters(loss, [used, unused, frozen_path]) == [unused, frozen_path]
+    assert unreached_parameters(torch.zeros(()), [used, unused]) == [used, unused]  # no graph
+
+
+def test_only_unreached_parameters_are_anchored_and_gradients_are_unchanged():
+    """An organ absent from every scan of the batch leaves its own pooling parameters out of the loss:
+    they get zero gradients (so DDP sees every parameter); every other gradient is bit for bit the one
+    that anchoring all parameters (the earlier rule) gave."""
+    abnormal = [(True, False, True, False), (False, True, False, True)]
+    stage = StageConfig(objectives=("alignment",), freeze=["normality"])
+    runs = []
+    for anchor_all in (False, True):
+        model = _model(0)
+        params = configure_trainable(model, stage)
+        set_train_modes(model, stage)
+        batch = _batch(model, abnormal=abnormal)
+        batch.mask[batch.mask == 3] = 0  # no esophagus (organ 2) anywhere
+        objective = StageObjective(model, stage)
+        out = objective(batch)
+        if anchor_all:
+            out.loss = out.loss + sum(p.reshape(-1)[:1].sum() for p in params) * 0.0
+        out.loss.backward()
+        assert all(p.grad is not None for p in params)
+        runs.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    for name, g in runs[0].items():
+        assert torch.equal(g, runs[1][name]), name
+    esophagus = [n for n in runs[0] if n.startswith("pooling.") and ".2." in n]
+    assert esophagus and all(not runs[0][n].any() for n in esophagus)
+    assert any(runs[0][n].any() for n in runs[0] if n.startswith("pooling.") and ".0." in n)

@@ -24,7 +24,8 @@ the limit). :class:`visd.models.image_path.FusedPath` puts these pieces together
 
 The normality model's attention runs through ``scaled_dot_product_attention`` with these numerics
 (:class:`visd.models.normality.NormalityModel`, ``fused_attention``). With gradients (training), the
-pooling runs in plain differentiable torch (:func:`pool_organ`), the backbone as the module.
+pooling runs in plain differentiable torch (:func:`pool_organ`) and the backbone is the module's own
+computation (BatchNorm batch statistics) in channels-last 3D (:func:`channels_last_features`).
 """
 
 from __future__ import annotations
