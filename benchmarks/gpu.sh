@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU check: the Triton kernels' tests, the kernels against their references, per-window
 # and per-volume latency (float32 and bf16, with and without window batching), scans per second through
-# diagnose() with 0, 2 and 4 DataLoader workers, and the text tower. About 7 minutes on an H200.
+# diagnose() with 0, 2 and 4 DataLoader workers, the text tower, and alignment train steps (official and
+# fused, fp32 and bf16, with and without channels-last). About 8 minutes on an H200 (estimated).
 #
 # The device machine is offline and its image lacks some dependencies, so, from this machine:
 #   bash benchmarks/gpu_wheels.sh
@@ -35,6 +36,11 @@ main() {
   step $PY benchmarks/bench_volume.py --mode fused --compare
   step $PY benchmarks/bench_volume.py --mode fused-bf16
   step $PY benchmarks/bench_volume.py --mode fused-nobatch
+  for precision in fp32 bf16; do  # a train step: channels-last 3D is measured on CPUs only so far
+    step $PY benchmarks/bench_train_step.py --stage alignment --numerics official --precision "$precision"
+    step $PY benchmarks/bench_train_step.py --stage alignment --numerics fused --precision "$precision"
+  done
+  step $PY benchmarks/bench_train_step.py --stage alignment --numerics fused --precision bf16 --no-channels-last
   step $PY benchmarks/bench_throughput.py --scans 4 --workers 0 2 4
   step $PY benchmarks/bench_text.py --mode fused
 }
