@@ -10,7 +10,8 @@ import torch
 from tests.conftest import make_tiny_model, phantom_volume, tiny_config
 from visd.inference import encode_volume, window_batches, zero_shot_classify
 from visd.models import fused as fast
-from visd.models.fused import FoldedBackbone, _conv_bn, fold_query, pool_organ, project
+from visd.models.fused import FoldedBackbone, _conv_bn
+from visd.models.fused_pooling import fold_query, pool_organ, project
 from visd.models.pooling import OrganPooling
 
 

@@ -4,9 +4,10 @@ Both compute the same function from the same weights:
 
 * :class:`OfficialPath`, the authors' operation order: every token projected, the hybrid tokens
   materialised and fused, the organ query attending over them with ``nn.MultiheadAttention``;
-* :class:`FusedPath`, exact algebra with less work (:mod:`visd.models.fused`): BatchNorm folded and
-  the backbone run with reused memory (inference), organ tokens gathered from the backbone maps and
-  projected only where needed, the fusion folded and the single-query attention in O(n d).
+* :class:`FusedPath`, exact algebra with less work: BatchNorm folded and the backbone run with reused
+  memory (inference) or channels-last (training) (:mod:`visd.models.fused`), organ tokens gathered
+  from the backbone maps and projected only where needed, the fusion folded and the single-query
+  attention in O(n d) (:mod:`visd.models.fused_pooling`).
 
 Each path gives the window's level features (:meth:`levels`), one organ's tokens
 (:meth:`organ_tokens`) and its attention output (:meth:`attend`); :class:`visd.ViSDModel` runs the
@@ -22,18 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from visd.models.fused import (
-    FoldedBackbone,
-    FoldedQuery,
-    SharedPart,
-    channels_last_features,
-    cpu_autocast_dtype,
-    fold_query,
-    inplace_convolutions,
-    organ_features,
-    pool_organ,
-    project,
-)
+from visd.models.fused import FoldedBackbone, channels_last_features, cpu_autocast_dtype, inplace_convolutions
+from visd.models.fused_pooling import FoldedQuery, SharedPart, fold_query, organ_features, pool_organ, project
 from visd.models.numerics import Numerics
 from visd.models.pooling import OrganPooling
 from visd.models.vision import VisionEncoder

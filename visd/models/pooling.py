@@ -14,7 +14,7 @@ class OrganPooling(nn.Module):
     For organ ``o`` with tokens ``original`` and ``normal`` (both ``(n, E)``), the hybrid token is
     ``[original ; normal]`` (``2E`` wide), fused by ``fuse2[o](fuse1[o](.))`` to ``E``; the organ's
     query attends over the fused tokens with the shared multi-head attention (:meth:`attend`);
-    ``project[o]`` maps the result to the embedding space. :func:`visd.models.fused.pool_organ`
+    ``project[o]`` maps the result to the embedding space. :func:`visd.models.fused_pooling.pool_organ`
     computes :meth:`attend` with the same weights in O(n d).
     """
 
