@@ -25,8 +25,9 @@ the limit). This module holds the backbone's part, :mod:`visd.models.fused_pooli
 
 The normality model's attention runs through ``scaled_dot_product_attention`` with these numerics
 (:class:`visd.models.normality.NormalityModel`, ``fused_attention``). With gradients (training), the
-pooling runs in plain differentiable torch (:func:`pool_organ`) and the backbone is the module's own
-computation (BatchNorm batch statistics) in channels-last 3D (:func:`channels_last_features`).
+pooling runs in plain differentiable torch (:func:`visd.models.fused_pooling.pool_organ`) and the
+backbone is the module's own computation (BatchNorm batch statistics) in channels-last 3D
+(:func:`channels_last_features`).
 """
 
 from __future__ import annotations
