@@ -34,6 +34,18 @@ def test_organ_window_keeps_only_the_organ_with_its_label():
     assert organ_window(image, mask, organ_index=0, roi=(16, 32, 32)) is None
 
 
+def test_organ_window_is_centred_on_the_organs_extent_along_every_axis():
+    """Known answer of the official rule (inclusive bounds lo..hi, size max(roi, hi - lo), centre
+    (lo + hi) // 2, clamped to the volume) on an organ away from every border."""
+    mask = torch.zeros(40, 80, 90, dtype=torch.uint8)
+    mask[20:31, 50:71, 60:86] = 3  # inclusive bounds d 20..30, h 50..70, w 60..85
+    mask[0, 0, 0] = 1  # another organ elsewhere changes nothing
+    w = organ_window(torch.rand(40, 80, 90), mask, organ_index=2, roi=(16, 32, 32))
+    # d: c 25, start 25 - 8; h: c 60, start 60 - 16; w: c 72, start min(72 - 16, 90 - 32)
+    assert w.start == (17, 44, 56) and w.size == (16, 32, 32)
+    assert int((w.mask == 3).sum()) == 11 * 21 * 26 and set(w.mask.unique().tolist()) == {0, 3}
+
+
 def test_pad_to_token_multiple_pads_at_the_end_with_zeros():
     x = torch.ones(1, 1, 17, 33, 64)
     y = pad_to_token_multiple(x)
