@@ -262,6 +262,28 @@ def test_bf16_autocast_stays_close():
 
 
 @pytest.mark.skipif(not fast.inplace_convolutions(torch.device("cpu"), torch.bfloat16), reason="needs oneDNN")
+def test_the_native_bf16_backbone_runs_layer_4s_dilated_convolutions_in_float32(monkeypatch):
+    """oneDNN's bf16 kernels for dilation 4 are slow: those convolutions (layer 4) take float32 maps
+    and weights, the others bf16; the stage outputs stay bf16 and close to the float32 backbone's."""
+    model = make_tiny_model(vision=tiny_config().vision.model_copy(update={"layers": (2, 2, 2, 2)}))
+    backbone = model.vision.backbone.eval()
+    x = torch.rand(1, 1, 32, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        float32 = FoldedBackbone(backbone)(x, channels_last=True)
+        calls = []
+        conv_add = fast._conv_add_
+        monkeypatch.setattr(fast, "_conv_add_", lambda out, x, w, b, conv, **k: calls.append(
+            (conv.dilation[0], x.dtype, w.dtype, out.dtype)) or conv_add(out, x, w, b, conv, **k))
+        bf16 = FoldedBackbone(backbone)(x.bfloat16(), channels_last=True)
+    dilated = [c[1:] for c in calls if c[0] == 4]
+    assert len(dilated) == 4 and set(dilated) == {(torch.float32,) * 3}  # both convolutions of 2 blocks
+    assert {c[1:] for c in calls if c[0] < 4} == {(torch.bfloat16,) * 3} and len(calls) == 17
+    for a, b in zip(bf16, float32):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b, rtol=0, atol=0.05 * float(b.abs().max()))
+
+
+@pytest.mark.skipif(not fast.inplace_convolutions(torch.device("cpu"), torch.bfloat16), reason="needs oneDNN")
 def test_a_frozen_backbone_under_a_bf16_autocast_runs_the_native_bf16_backbone():
     """A training stage with ``precision: bf16`` that freezes the backbone (the normality stage) gets
     the native bf16 folded backbone of the fused-bf16 numerics, not autocast's float32 copies."""
