@@ -233,10 +233,16 @@ def _stem(folded: "FoldedBackbone", x: torch.Tensor, fmt=torch.contiguous_format
     return out
 
 
+#: bf16 maps run convolutions dilated this much or more in float32: oneDNN's bf16 kernels for them
+#: (layer 4: 512 channels, dilation 4) ran 2x to 8x slower than its float32 ones on a Xeon with AMX
+#: (251 ms against 33 ms on a lung window's 11 x 14 x 12 map), while dilation 2 runs at AMX speed
+_BF16_MAX_DILATION = 3
+
+
 def _block(folded: "FoldedBackbone", block, x: torch.Tensor, fmt, pool: dict | None = None, x_is_free: bool = False) -> torch.Tensor:
-    """One residual block. With a ``pool`` (channels-last float32 on a CPU), the first convolution
-    writes into reused memory and the second adds itself to the residual in place, with the ReLU
-    fused; ``x_is_free`` says ``x`` may be overwritten when it is the residual."""
+    """One residual block. With a ``pool`` (channels-last float32 or bfloat16 on a CPU), the first
+    convolution writes into reused memory and the second adds itself to the residual in place, with
+    the ReLU fused; ``x_is_free`` says ``x`` may be overwritten when it is the residual."""
     if pool is None:
         residual = x if block.shortcut is None else block.shortcut(x).contiguous(memory_format=fmt)
         out = _conv_bn(folded, block.conv1, x, fmt=fmt).relu_()
@@ -259,11 +265,6 @@ def _block(folded: "FoldedBackbone", block, x: torch.Tensor, fmt, pool: dict | N
         x = target
     return residual
 
-
-#: bf16 maps run convolutions dilated this much or more in float32: oneDNN's bf16 kernels for them
-#: (layer 4: 512 channels, dilation 4) ran 2x to 10x slower than its float32 ones on a Xeon with AMX
-#: (251 ms against 33 ms on a lung window's 11 x 14 x 12 map), while dilation 2 runs at AMX speed
-_BF16_MAX_DILATION = 3
 
 
 class FoldedBackbone:
