@@ -66,19 +66,19 @@ def cpu_autocast_dtype() -> torch.dtype | None:
 
 def inplace_convolutions(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether :func:`_conv_add_` can run on tensors of ``device`` and ``dtype``: float32 or bfloat16
-    on a CPU with oneDNN, outside autocast."""
+    on a CPU with oneDNN (outside autocast, see :func:`_accumulates`)."""
     return (
         device.type == "cpu"
         and dtype in (torch.float32, torch.bfloat16)
-        and cpu_autocast_dtype() is None
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_convolution_pointwise_")
     )
 
 
 def _accumulates(x: torch.Tensor) -> bool:
-    """:func:`inplace_convolutions` for ``x``."""
-    return inplace_convolutions(x.device, x.dtype)
+    """:func:`inplace_convolutions` for ``x``, here: not under a CPU autocast, whose casts and fresh
+    outputs the in-place convolutions cannot take."""
+    return inplace_convolutions(x.device, x.dtype) and cpu_autocast_dtype() is None
 
 
 def _conv_add_(

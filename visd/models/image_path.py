@@ -143,10 +143,7 @@ class FusedPath(ImagePath):
         in a training stage with ``precision: bf16``), on a CPU whose oneDNN runs the folded backbone
         in bfloat16 (see :func:`fused.inplace_convolutions`)."""
         asked = torch.bfloat16 in (self.numerics.autocast, cpu_autocast_dtype())
-        if not (asked and self.numerics.channels_last and images.device.type == "cpu"):
-            return False
-        with torch.autocast("cpu", enabled=False):
-            return inplace_convolutions(images.device, torch.bfloat16)
+        return asked and self.numerics.channels_last and inplace_convolutions(images.device, torch.bfloat16)
 
     def organ_tokens(self, vision, levels, flags, items):
         projs = vision.projections()

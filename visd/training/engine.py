@@ -58,7 +58,7 @@ from visd.training.usage import OrganUsage
 
 __all__ = ["train", "build_model", "make_optimizer", "Position", "SUMMARY_FILE"]
 
-_TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+_TORCH_VERSION = torch.__version__  # a TorchVersion: compares with tuples
 
 logger = logging.getLogger(__name__)
 
